@@ -1,0 +1,19 @@
+"""sinkd: knowledge distillation with the batch-wise Sinkhorn objective (SinKD), in plain PyTorch.
+
+    from sinkd import sinkhorn, sinkhorn_loss, divergence, DistillationObjective, ObjectiveConfig
+
+No Ray or DeepSpeed import here: the objective drops into any training loop.
+"""
+
+from .costs import COSTS, ChunkedL1, cost_matrix, l1_cost
+from .divergences import DIVERGENCES, divergence, rowwise_divergence
+from .objective import DistillationObjective, ObjectiveConfig, ObjectiveOutput
+from .sinkhorn import SinkhornResult, sinkhorn
+from .sinkhorn_loss import SinkhornConfig, sinkhorn_loss
+
+__all__ = [
+    "COSTS", "DIVERGENCES", "ChunkedL1", "DistillationObjective", "ObjectiveConfig", "ObjectiveOutput",
+    "SinkhornConfig", "SinkhornResult", "cost_matrix", "divergence", "l1_cost", "rowwise_divergence",
+    "sinkhorn", "sinkhorn_loss",
+]
+__version__ = "0.1.0"

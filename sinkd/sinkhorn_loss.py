@@ -23,7 +23,7 @@ from ._checks import (
     check_open_unit,
     check_positive,
 )
-from .costs import COSTS, cost_matrix
+from .costs import COSTS, L1_IMPLS, cost_matrix
 from .sinkhorn import GRAD_MODES, sinkhorn
 
 MODES = ("batch", "sample")
@@ -56,6 +56,7 @@ class SinkhornConfig:
         if self.tol is not None:
             check_positive("sinkhorn.tol", self.tol)
         check_choice("sinkhorn.cost", self.cost, COSTS)
+        check_choice("sinkhorn.l1_impl", self.l1_impl, L1_IMPLS)
         check_positive("sinkhorn.temperature", self.temperature)
         check_choice("sinkhorn.normalization", self.normalization, NORMALIZATIONS)
         check_choice("sinkhorn.grad", self.grad, GRAD_MODES)

@@ -1,0 +1,77 @@
+"""The combined objective: each term by hand, masks from labels, config from YAML-like dicts."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sinkd import DistillationObjective, ObjectiveConfig, SinkhornConfig, divergence, sinkhorn_loss
+
+torch.set_default_dtype(torch.float64)
+
+
+def logits(seed, *shape):
+    return 2 * torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_total_is_ce_plus_alpha_kd_plus_beta_sinkhorn():
+    zs, zt = logits(0, 8, 5).requires_grad_(), logits(1, 8, 5)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    cfg = ObjectiveConfig(ce_weight=0.7, alpha=0.5, beta=2.0, temperature=3.0, divergence="js",
+                          sinkhorn=SinkhornConfig(eps=0.2, temperature=1.5))
+    out = DistillationObjective(cfg)(zs, zt, labels=labels)
+    ce = F.cross_entropy(zs, labels)
+    kd = divergence(zs, zt, "js", temperature=3.0)
+    sink = sinkhorn_loss(zs, zt, eps=0.2, temperature=1.5)
+    torch.testing.assert_close(out.loss, 0.7 * ce + 0.5 * kd + 2.0 * sink)
+    for name, value in (("ce", ce), ("kd", kd), ("sinkhorn", sink)):
+        assert out.as_dict()[name] == pytest.approx(value.item())
+    out.loss.backward()
+    assert torch.isfinite(zs.grad).all()
+
+
+def test_paper_objective_gradcheck():
+    zs, zt = logits(2, 6, 4).requires_grad_(), logits(3, 6, 4)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    objective = DistillationObjective(ObjectiveConfig.paper(alpha=0.3, beta=0.8))
+    assert torch.autograd.gradcheck(lambda z: objective(z, zt, labels=labels).loss, (zs,))
+
+
+def test_teacher_gets_no_gradient_and_zero_weights_skip_their_terms():
+    zs, zt = logits(4, 5, 3).requires_grad_(), logits(5, 5, 3).requires_grad_()
+    out = DistillationObjective(ObjectiveConfig(ce_weight=0, alpha=1.0, beta=0))(zs, zt)
+    out.loss.backward()
+    assert zt.grad is None
+    assert out.as_dict()["sinkhorn"] == 0.0 and out.as_dict()["ce"] == 0.0 and out.as_dict()["kd"] > 0
+
+
+def test_ignored_labels_mask_kd_and_sinkhorn_rows_for_tokens():
+    zs, zt = logits(6, 2, 4, 7), logits(7, 2, 4, 7)
+    labels = torch.tensor([[1, 2, -100, -100], [3, -100, 4, 5]])
+    keep = labels != -100
+    cfg = ObjectiveConfig(alpha=1.0, beta=1.0)
+    out = DistillationObjective(cfg)(zs, zt, labels=labels)
+    torch.testing.assert_close(out.kd, divergence(zs[keep], zt[keep], "kl"))
+    torch.testing.assert_close(out.sinkhorn, sinkhorn_loss(zs[keep], zt[keep]))
+    torch.testing.assert_close(out.ce, F.cross_entropy(zs[keep], labels[keep]))
+
+
+def test_from_dict_round_trip_and_errors_name_the_key():
+    cfg = ObjectiveConfig.from_dict({"alpha": 0.5, "divergence": "skew_kl", "sinkhorn": {"eps": 0.05, "group_size": 128}})
+    assert cfg.sinkhorn.eps == 0.05 and cfg.sinkhorn.group_size == 128 and cfg.divergence == "skew_kl"
+    assert ObjectiveConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="objective.betta: unknown key"):
+        ObjectiveConfig.from_dict({"betta": 1.0})
+    with pytest.raises(ValueError, match="objective.sinkhorn.iters: unknown key"):
+        ObjectiveConfig.from_dict({"sinkhorn": {"iters": 5}})
+    with pytest.raises(ValueError, match="divergence: unknown value 'kld'; valid: kl, rkl, js, tvd, skew_kl, skew_rkl"):
+        ObjectiveConfig.from_dict({"divergence": "kld"})
+    with pytest.raises(ValueError, match="alpha must be a finite number >= 0"):
+        ObjectiveConfig(alpha=-1)
+
+
+def test_missing_labels_or_bad_label_shape_are_rejected():
+    zs, zt = logits(8, 4, 3), logits(9, 4, 3)
+    with pytest.raises(ValueError, match="labels are required when ce_weight > 0"):
+        DistillationObjective()(zs, zt)
+    with pytest.raises(ValueError, match="labels shape \\(3,\\) must equal the logits' row shape \\(4,\\)"):
+        DistillationObjective()(zs, zt, labels=torch.zeros(3, dtype=torch.long))

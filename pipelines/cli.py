@@ -1,0 +1,138 @@
+"""The `sinkd` command: train, eval, export. With no CONFIG each runs the embedded default job.
+
+    sinkd train [CONFIG.yaml] [--set key=value ...]
+    sinkd eval [CONFIG.yaml] [--model DIR ...] [--split test|validation]
+    sinkd export [CONFIG.yaml] [--stage NAME] [--out DIR]
+
+User errors (config, data rows, files) print one line naming the key, file or row, and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sinkd", description="Knowledge distillation with the batch-wise Sinkhorn objective.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("config", nargs="?", help="job YAML (default: the embedded default job)")
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
+
+    t = sub.add_parser("train", help="fine-tune the teacher if needed, distil the students, score them")
+    common(t)
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--check", action="store_true", help="validate config and data, then stop")
+    e = sub.add_parser("eval", help="score models on a split of the config's task")
+    common(e)
+    e.add_argument("--model", action="append", default=[], help="model directory (default: the run's models)")
+    e.add_argument("--split", default="test", choices=["test", "validation", "train"])
+    x = sub.add_parser("export", help="a stage's latest checkpoint -> Hugging Face model directory")
+    common(x)
+    x.add_argument("--stage", help="stage name (default: the config's name)")
+    x.add_argument("--out", help="output directory (default: RUN_DIR/models/STAGE)")
+    return p
+
+
+def _quiet() -> None:
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset execution plans: not for users
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    warnings.filterwarnings("ignore", message=r".*TRANSFORMERS_CACHE.*")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet()
+    from .config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        raw = _raw(args.config, args.overrides)
+        if args.command == "train":
+            return _train(cfg, raw, args)
+        if args.command == "eval":
+            return _eval(cfg, args)
+        return _export(cfg, args)
+    except ConfigError as e:
+        print(f"sinkd: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"sinkd: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _raw(path, overrides) -> dict:
+    """The user's config as written (pkg:// paths kept), with overrides applied: saved in the run dir."""
+    import yaml
+
+    from .config import DEFAULT_CONFIG, apply_override
+
+    raw = yaml.safe_load(Path(path or DEFAULT_CONFIG).read_text()) or {}
+    for item in overrides:
+        apply_override(raw, item)
+    return raw
+
+
+def _train(cfg, raw, args) -> int:
+    from .job import plan_job, run_job
+
+    plan = plan_job(cfg)  # data and run-dir checks, before anything is written
+    if args.check:
+        print(f"ok: config and data valid ({plan.task.sizes()}); stages: "
+              f"{'teacher fine-tuning, ' if plan.finetune else ''}{', '.join(plan.students)}")
+        return 0
+    results = run_job(cfg, raw, show_progress=not args.no_progress, plan=plan)
+    print()
+    print(Path(results["run_dir"], "summary.txt").read_text(), end="")
+    return 0
+
+
+def _eval(cfg, args) -> int:
+    from .data import load_task
+    from .evaluate import evaluate_model, metric_names
+    from .job import ray_session
+
+    task = load_task(cfg)
+    models = args.model or sorted(str(p) for p in (Path(cfg.run_dir) / "models").glob("*") if (p / "config.json").is_file())
+    if not models:
+        print(f"sinkd: error: no models in {Path(cfg.run_dir) / 'models'}; pass --model DIR", file=sys.stderr)
+        return 2
+    names = metric_names(task.task, task.num_labels)
+    scores = {}
+    with ray_session(cfg):
+        for model in models:
+            if not (Path(model) / "config.json").is_file():
+                print(f"sinkd: error: --model {model}: not a Hugging Face model directory", file=sys.stderr)
+                return 2
+            scores[model] = evaluate_model(model, task.splits[args.split], names, cfg.data.max_length,
+                                           cfg.train.eval_batch_size, max(1.0, cfg.scaling.cpus_per_worker))
+    width = max(len(m) for m in scores)
+    print(f"{'model':<{width}}  " + "  ".join(f"{args.split + ' ' + n:>16}" for n in names))
+    for model, s in scores.items():
+        print(f"{model:<{width}}  " + "  ".join(f"{s[n]:>16.4f}" for n in names))
+    print(json.dumps(scores))
+    return 0
+
+
+def _export(cfg, args) -> int:
+    from .export import export_checkpoint, latest_checkpoint
+
+    stage = args.stage or cfg.name
+    checkpoint = latest_checkpoint(Path(cfg.run_dir) / "ray" / stage)
+    out = export_checkpoint(checkpoint, args.out or Path(cfg.run_dir) / "models" / stage)
+    print(f"exported {checkpoint} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""Task data: load and check on the driver, then Ray Data for tokenising and streaming to workers.
+
+- `load_task` reads a split set with Hugging Face datasets (hub name/config, `load_from_disk`, or
+  CSV/TSV/JSONL/Parquet files), checks every row (errors name the file and row) and returns
+  normalised Arrow tables: id (row in its source), text_a, [text_b], label.
+- `to_ray` turns a table into a Ray Dataset, padded with id = -1 rows to a multiple of the worker
+  count, so that Ray Train's equal streaming split hands every worker the same number of rows
+  (same number of batches: collectives stay matched) without dropping a real example.
+- `tokenize_batch` runs in Ray Data `map_batches` with the teacher's fast tokenizer;
+  `PadCollate` pads each batch to its own longest row in `iter_torch_batches`.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from ray.data.collate_fn import ArrowBatchCollateFn
+
+from .config import Config, ConfigError, DataConfig, file_format, resolve_path
+
+PAD_ID = -1  # id of the rows added so every worker gets the same number of rows
+
+
+class DataError(ConfigError):
+    """A bad data file or row; the message names the file (or split) and the row."""
+
+
+@dataclass
+class Task:
+    """The checked splits (Arrow tables) and what the labels mean."""
+
+    splits: dict[str, pa.Table]
+    num_labels: int
+    label_names: list[str] | None
+    pair: bool
+    task: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def sizes(self) -> dict[str, int]:
+        return {k: v.num_rows for k, v in self.splits.items()}
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _read_source(cfg: DataConfig) -> dict[str, tuple[object, str, str]]:
+    """split -> (datasets.Dataset, where (for messages), row style)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    out = {}
+    if cfg.name:
+        where = f"{cfg.name}/{cfg.config}" if cfg.config else cfg.name
+        try:
+            dd = datasets.load_dataset(cfg.name, cfg.config)
+        except Exception as e:  # offline, unknown name or config
+            raise DataError(f"data.name: cannot load {where} from the Hugging Face hub: {_first_line(e)}") from None
+        for split, hf_split in cfg.splits.items():
+            if hf_split in dd:
+                out[split] = (dd[hf_split], f"{where} split {hf_split}", "row")
+        return out
+    if cfg.load_from_disk:
+        path = resolve_path(cfg.load_from_disk, "data.load_from_disk")
+        try:
+            dd = datasets.load_from_disk(str(path))
+        except Exception as e:
+            raise DataError(f"data.load_from_disk: cannot load {path}: {_first_line(e)}") from None
+        if isinstance(dd, datasets.Dataset):
+            return {"train": (dd, f"{path}", "row")}
+        for split, hf_split in cfg.splits.items():
+            if hf_split in dd:
+                out[split] = (dd[hf_split], f"{path} split {hf_split}", "row")
+        return out
+    for split, value in cfg.files.items():
+        path = resolve_path(value, f"data.files.{split}")
+        fmt = file_format(cfg, path)
+        text_like = {c: str for c in [*cfg.text_columns, cfg.label_column]}  # no type guessing
+        builder, kwargs = {
+            "csv": ("csv", dict(encoding=cfg.encoding, keep_default_na=False)),
+            "tsv": ("csv", dict(encoding=cfg.encoding, keep_default_na=False, delimiter="\t",
+                                quoting=csv.QUOTE_NONE)),
+            "jsonl": ("json", {}),
+            "parquet": ("parquet", {}),
+        }[fmt]
+        try:
+            if builder == "csv":
+                _check_columns(_csv_header(path, kwargs), cfg, str(path))
+                kwargs["converters"] = text_like
+            ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"data.files.{split}: cannot read {path} as {fmt}: {_first_line(e)}") from None
+        out[split] = (ds, str(path), {"csv": "csv", "tsv": "csv", "jsonl": "line"}.get(fmt, "row"))
+    return out
+
+
+def _csv_header(path: Path, kwargs: dict) -> list[str]:
+    import pandas as pd
+
+    return list(pd.read_csv(path, nrows=0, **kwargs).columns)
+
+
+def _check_columns(columns: list[str], cfg: DataConfig, where: str) -> None:
+    for col in cfg.text_columns:
+        if col not in columns:
+            raise DataError(f"data.text_columns: column '{col}' not found in {where} (columns: {', '.join(columns)})")
+    if cfg.label_column not in columns:
+        raise DataError(f"data.label_column: column '{cfg.label_column}' not found in {where} (columns: {', '.join(columns)})")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _row_name(style: str, i: int) -> str:
+    return {"csv": f"row {i + 1} (line {i + 2})", "line": f"line {i + 1}"}.get(style, f"row {i + 1}")
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip())
+
+
+# ----------------------------------------------------------------------------- checking
+
+
+def _check_split(ds, where: str, style: str, cfg: DataConfig, label_names: list[str] | None,
+                 num_labels: int | None, hidden_ok: bool) -> pa.Table | None:
+    """Every row checked; returns the normalised table, or None for a split with hidden labels (-1)."""
+    _check_columns(list(ds.column_names), cfg, where)
+    labels = ds[cfg.label_column]
+    if hidden_ok and labels and all(v == -1 for v in labels):
+        return None  # e.g. GLUE test splits: labels withheld
+    texts = [ds[c] for c in cfg.text_columns]
+    label_ids = np.empty(len(labels), dtype=np.int64)
+    index = {name: i for i, name in enumerate(label_names)} if label_names else None
+    for i, value in enumerate(labels):
+        for col, column in zip(cfg.text_columns, texts):
+            text = column[i]
+            if _is_missing(text):
+                raise DataError(f"{where} {_row_name(style, i)}: empty text in column '{col}'")
+            if not isinstance(text, str):
+                raise DataError(f"{where} {_row_name(style, i)}: text in column '{col}' is not a string: {text!r}")
+        if _is_missing(value):
+            raise DataError(f"{where} {_row_name(style, i)}: missing label in column '{cfg.label_column}'")
+        label = _label_id(value, index, num_labels)
+        if label is None:
+            expected = (f"one of {', '.join(label_names)}" if label_names
+                        else f"an integer in 0..{num_labels - 1}" if num_labels else "an integer class id >= 0")
+            raise DataError(f"{where} {_row_name(style, i)}: unknown label {value!r} (expected {expected})")
+        label_ids[i] = label
+    table = {"id": np.arange(len(labels), dtype=np.int64), "label": label_ids, "text_a": texts[0]}
+    if len(texts) == 2:
+        table["text_b"] = texts[1]
+    return pa.table(table)
+
+
+def _label_id(value, index: dict | None, num_labels: int | None) -> int | None:
+    if index is not None:
+        if isinstance(value, str) and value.strip() in index:
+            return index[value.strip()]
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < len(index):
+            return int(value)
+        return None
+    try:
+        label = int(value) if not isinstance(value, float) or value.is_integer() else None
+    except (TypeError, ValueError):
+        return None
+    if label is None or isinstance(value, bool) or label < 0 or (num_labels is not None and label >= num_labels):
+        return None
+    return label
+
+
+def load_task(config: Config, num_workers: int | None = None) -> Task:
+    """Read, check and split the task's data on the driver (no Ray needed); raises DataError."""
+    cfg = config.data
+    source = _read_source(cfg)
+    if "train" not in source:
+        raise DataError(f"data: no train split found (have: {', '.join(source) or 'none'})")
+    label_names = cfg.label_names
+    train_ds = source["train"][0]
+    feature = getattr(train_ds, "features", {}).get(cfg.label_column) if hasattr(train_ds, "features") else None
+    if label_names is None and feature is not None and hasattr(feature, "names"):
+        label_names = list(feature.names)  # hub ClassLabel: names come with the data
+    num_labels = len(label_names) if label_names else cfg.num_labels
+    splits, notes = {}, []
+    for split in ("train", "validation", "test"):
+        if split in source:
+            ds, where, style = source[split]
+            table = _check_split(ds, where, style, cfg, label_names, num_labels, hidden_ok=split == "test")
+            if table is None:
+                notes.append(f"{where}: labels withheld; the test scores use the validation split")
+                continue
+            splits[split] = table
+            if num_labels is None and split == "train":
+                num_labels = max(int(pa.compute.max(table["label"]).as_py()) + 1, 2)
+    for split in ("validation", "test"):  # labels beyond the train split's classes
+        if split in splits and num_labels is not None:
+            top = pa.compute.max(splits[split]["label"]).as_py()
+            if top is not None and top >= num_labels:
+                row = int(np.argmax(splits[split]["label"].to_numpy() >= num_labels))
+                where, style = source[split][1], source[split][2]
+                raise DataError(f"{where} {_row_name(style, row)}: unknown label {top} (train has {num_labels} classes)")
+    splits = _carve(splits, cfg, config.seed, notes)
+    splits = _subsample(splits, cfg, config.seed)
+    for split, table in splits.items():
+        if table.num_rows == 0:
+            raise DataError(f"data: split {split} is empty")
+    return Task(splits, num_labels, label_names, len(cfg.text_columns) == 2, cfg.task, notes)
+
+
+def _carve(splits: dict, cfg: DataConfig, seed: int, notes: list) -> dict:
+    """Missing validation/test splits: test falls back to validation, else both come out of train."""
+    rng = np.random.default_rng(seed)
+    train = splits["train"]
+    if "validation" not in splits and "test" not in splits:
+        order = rng.permutation(train.num_rows)
+        n_test = max(1, int(round(cfg.test_fraction * train.num_rows)))
+        n_val = max(1, int(round(cfg.validation_fraction * train.num_rows)))
+        splits["test"] = train.take(np.sort(order[:n_test]))
+        splits["validation"] = train.take(np.sort(order[n_test:n_test + n_val]))
+        splits["train"] = train.take(np.sort(order[n_test + n_val:]))
+        notes.append(f"validation ({n_val}) and test ({n_test}) rows carved out of train (seed {seed})")
+    elif "validation" not in splits:
+        order = rng.permutation(train.num_rows)
+        n_val = max(1, int(round(cfg.validation_fraction * train.num_rows)))
+        splits["validation"] = train.take(np.sort(order[:n_val]))
+        splits["train"] = train.take(np.sort(order[n_val:]))
+        notes.append(f"validation ({n_val}) rows carved out of train (seed {seed})")
+    elif "test" not in splits:
+        splits["test"] = splits["validation"]
+    return splits
+
+
+def _subsample(splits: dict, cfg: DataConfig, seed: int) -> dict:
+    out = {}
+    for i, (split, table) in enumerate(splits.items()):
+        cap = cfg.max_train_examples if split == "train" else cfg.max_eval_examples
+        if cap is not None and table.num_rows > cap:
+            keep = np.sort(np.random.default_rng(seed + 1 + i).permutation(table.num_rows)[:cap])
+            table = table.take(keep)
+        out[split] = table
+    return out
+
+
+# ----------------------------------------------------------------------------- Ray Data
+
+
+def padded_rows(n: int, num_workers: int) -> int:
+    return -n % num_workers
+
+
+def to_ray(table: pa.Table, num_workers: int, tokenizer_path: str, max_length: int, blocks: int | None = None):
+    """Ray Dataset of tokenised rows, padded with id=-1 rows to a multiple of num_workers."""
+    import ray.data
+
+    extra = padded_rows(table.num_rows, num_workers)
+    if extra:
+        pad = {"id": pa.array([PAD_ID] * extra, pa.int64()), "label": pa.array([0] * extra, pa.int64()),
+               "text_a": pa.array(["."] * extra)}
+        if "text_b" in table.column_names:
+            pad["text_b"] = pa.array(["."] * extra)
+        table = pa.concat_tables([table, pa.table(pad).select(table.column_names)])
+    blocks = blocks or max(1, min(64, table.num_rows // 256))
+    ds = ray.data.from_arrow(table, override_num_blocks=blocks)
+    return ds.map_batches(tokenize_batch, batch_format="pyarrow", zero_copy_batch=True,
+                          fn_kwargs={"tokenizer_path": tokenizer_path, "max_length": max_length})
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(path: str):
+    """The teacher's fast tokenizer, loaded once per Ray worker process."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, use_fast=True)
+
+
+def tokenize_batch(batch: pa.Table, tokenizer_path: str, max_length: int) -> pa.Table:
+    tok = load_tokenizer(tokenizer_path)
+    text_b = batch.column("text_b").to_pylist() if "text_b" in batch.column_names else None
+    enc = tok(batch.column("text_a").to_pylist(), text_b, truncation=True, max_length=max_length,
+              return_attention_mask=False)
+    out = {"id": batch.column("id"), "label": batch.column("label"),
+           "input_ids": pa.array(enc["input_ids"], pa.list_(pa.int32()))}
+    if "token_type_ids" in enc:
+        out["token_type_ids"] = pa.array(enc["token_type_ids"], pa.list_(pa.int8()))
+    return pa.table(out)
+
+
+class PadCollate(ArrowBatchCollateFn):
+    """Arrow batch from Ray Data -> torch tensors padded to the batch's longest row (dynamic padding)."""
+
+    def __init__(self, pad_token_id: int):
+        super().__init__()
+        self.pad_token_id = pad_token_id
+
+    @staticmethod
+    def _padded(column: pa.ChunkedArray, fill: int):
+        col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        offsets = col.offsets.to_numpy()
+        lengths = np.diff(offsets)
+        width = int(lengths.max(initial=1))
+        mask = np.arange(width)[None, :] < lengths[:, None]
+        out = np.full(mask.shape, fill, dtype=np.int64)
+        out[mask] = col.values.to_numpy()[offsets[0]:offsets[-1]]
+        return out, mask
+
+    def __call__(self, batch: pa.Table) -> dict:
+        import torch
+
+        ids, mask = self._padded(batch.column("input_ids"), self.pad_token_id)
+        out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask.astype(np.int64)),
+               "labels": torch.from_numpy(batch.column("label").to_numpy().astype(np.int64)),
+               "ids": torch.from_numpy(batch.column("id").to_numpy().astype(np.int64))}
+        if "token_type_ids" in batch.column_names:
+            out["token_type_ids"] = torch.from_numpy(self._padded(batch.column("token_type_ids"), 0)[0])
+        return out
+
+
+def batches_per_shard(rows: int, num_workers: int, batch_size: int) -> int:
+    """Batches each worker gets from an equal split of `rows` (already padded to a multiple)."""
+    return math.ceil(rows / num_workers / batch_size)

@@ -1,0 +1,74 @@
+"""A DeepSpeed checkpoint of a run -> a Hugging Face model directory (save_pretrained + tokenizer).
+
+ZeRO-partitioned weights are consolidated with DeepSpeed's own zero_to_fp32; stage 0 checkpoints
+hold the module whole. The result reloads with AutoModelForSequenceClassification (encoders) or
+AutoModelForSeq2SeqLM (T5 family; sinkd_task.json keeps the label token ids).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .models import TASK_FILE, _auto_class, _quiet_transformers
+from .train import DS_TAG, META_DIR, STATE_FILE
+
+
+def latest_checkpoint(stage_dir: str | Path) -> Path:
+    """The newest checkpoint Ray Train recorded for a stage (run_dir/ray/<stage>)."""
+    from ray.train import Result
+
+    stage_dir = Path(stage_dir)
+    if not stage_dir.is_dir():
+        raise FileNotFoundError(f"no training run at {stage_dir}")
+    result = Result.from_path(str(stage_dir))
+    if result.checkpoint is None:
+        raise FileNotFoundError(f"{stage_dir}: the run has no checkpoint yet")
+    return Path(result.checkpoint.path)
+
+
+def consolidated_state_dict(checkpoint_dir: Path) -> dict:
+    ds_dir = checkpoint_dir / DS_TAG
+    if any(ds_dir.glob("*optim_states.pt")) and any(ds_dir.glob("zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DS_TAG)
+    else:  # ZeRO stage 0: the module's weights are whole in the model-states file
+        state = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    # The DeepSpeed module is pipelines.models.Classifier: strip its "model." prefix.
+    return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+
+
+def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write the checkpoint's student as a Hugging Face model; written beside, then moved into place,
+    so an interrupted export never leaves a half-written model where a complete one is expected."""
+    _quiet_transformers()
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    meta_dir = checkpoint_dir / META_DIR
+    task = json.loads((meta_dir / TASK_FILE).read_text())
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(meta_dir)
+    model = _auto_class(task["kind"]).from_config(config)
+    missing, unexpected = model.load_state_dict(consolidated_state_dict(checkpoint_dir), strict=False)
+    tied = getattr(model, "_tied_weights_keys", None) or {}  # e.g. T5's lm_head -> shared embedding
+    missing = [k for k in missing if k not in set(tied)]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {checkpoint_dir} does not match the student: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(meta_dir).save_pretrained(tmp)
+    state = json.loads((checkpoint_dir / STATE_FILE).read_text())
+    task.update(global_step=state["global_step"], epoch=state["epoch"], checkpoint=str(checkpoint_dir))
+    (tmp / TASK_FILE).write_text(json.dumps(task, indent=1))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir

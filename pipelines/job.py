@@ -1,0 +1,213 @@
+"""The distillation job: teacher fine-tuning (if needed) -> one TorchTrainer run per student objective
+-> export -> test-split scores of teacher and students -> results.json and a one-screen summary.
+
+Everything that can be checked is checked before the run directory is touched. A rerun with the same
+config resumes: finished stages are reused, an interrupted one restarts from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import yaml
+
+from .config import Config, ConfigError, TrainConfig, _build
+from .data import Task, load_task
+from .models import TASK_FILE, is_task_tuned, model_kind
+
+TEACHER = "teacher"
+
+
+@dataclasses.dataclass
+class Plan:
+    """What the job will do, decided on the driver before any work."""
+
+    cfg: Config
+    task: Task
+    teacher_dir: str  # the teacher distillation uses (after fine-tuning if that is planned)
+    finetune: bool
+    students: dict  # name -> objective mapping
+
+
+def plan_job(cfg: Config) -> Plan:
+    """Load and check the data and decide the stages; raises ConfigError/DataError, writes nothing."""
+    task = load_task(cfg)
+    if model_kind(cfg.teacher.path) == "seq2seq":
+        from .data import load_tokenizer
+        from .models import label_token_ids
+
+        try:
+            label_token_ids(load_tokenizer(cfg.teacher.path), cfg.data.label_words or task.label_names or [])
+        except (ValueError, IndexError) as e:
+            raise ConfigError(str(e) if str(e).startswith("data.") else f"data.label_words: {e}") from None
+    mode = cfg.teacher.finetune
+    finetune = mode == "always" or (mode == "auto" and not is_task_tuned(cfg.teacher.path, task.num_labels))
+    teacher_dir = str(Path(cfg.run_dir) / "models" / TEACHER) if finetune else cfg.teacher.path
+    students = {cfg.name: dict(cfg.objective)}
+    students.update({name: {**cfg.objective, **over} for name, over in cfg.baselines.items()})
+    plan = Plan(cfg, task, teacher_dir, finetune, students)
+    _check_fingerprints(plan)
+    return plan
+
+
+def _stage_fingerprint(plan: Plan, name: str) -> dict:
+    cfg = plan.cfg
+    common = {"data": dataclasses.asdict(cfg.data), "seed": cfg.seed, "num_workers": cfg.scaling.num_workers}
+    if name == TEACHER:
+        return {**common, "model": cfg.teacher.path, "train": _teacher_train(cfg).__dict__}
+    return {**common, "teacher": plan.teacher_dir, "student": dataclasses.asdict(cfg.student),
+            "objective": plan.students[name], "train": dataclasses.asdict(cfg.train)}
+
+
+def _fingerprint_file(cfg: Config, name: str) -> Path:
+    return Path(cfg.run_dir) / "stages" / f"{name}.json"
+
+
+def _check_fingerprints(plan: Plan) -> None:
+    """A run_dir holding a stage trained with other settings is refused, never silently mixed or lost."""
+    names = ([TEACHER] if plan.finetune else []) + list(plan.students)
+    for name in names:
+        path = _fingerprint_file(plan.cfg, name)
+        if not path.is_file():
+            continue
+        old, new = json.loads(path.read_text()), json.loads(json.dumps(_stage_fingerprint(plan, name)))
+        if old != new:
+            changed = _diff(old, new)
+            raise ConfigError(f"run_dir: stage '{name}' in {plan.cfg.run_dir} was trained with other settings "
+                              f"({', '.join(changed[:4])} changed); use a new run_dir")
+
+
+def _diff(old, new, prefix="") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else k)
+        return out
+    return [] if old == new else [prefix or "value"]
+
+
+def _teacher_train(cfg: Config) -> TrainConfig:
+    return _build(TrainConfig, {**dataclasses.asdict(cfg.train), **cfg.teacher.train}, "teacher.train")
+
+
+def prepare_run_dir(cfg: Config, raw: dict) -> None:
+    """Create the run directory and record the config; an earlier, different config is kept aside."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(raw, sort_keys=False)
+    target = run_dir / "config.yaml"
+    if target.is_file() and target.read_text() != text:
+        target.rename(run_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+    target.write_text(text)
+
+
+@contextlib.contextmanager
+def ray_session(cfg: Config):
+    """Join the running Ray (tests, notebooks), a cluster (ray.address), or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    kwargs = {"address": cfg.ray.address, "log_to_driver": True}
+    if cfg.ray.address is None:
+        kwargs.update(num_cpus=cfg.ray.num_cpus or (os.cpu_count() or 1) + 1,
+                      object_store_memory=cfg.ray.object_store_memory_mb * 2**20 if cfg.ray.object_store_memory_mb else None)
+    ray.init(**kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def run_job(cfg: Config, raw: dict, show_progress: bool = True, plan: Plan | None = None) -> dict:
+    """The whole job; returns the results written to run_dir/results.json."""
+    from .evaluate import evaluate_model, metric_names
+    from .export import export_checkpoint
+    from .train import Stage, fit_stage
+
+    plan = plan or plan_job(cfg)
+    prepare_run_dir(cfg, raw)
+    run_dir, task = Path(cfg.run_dir), plan.task
+    results = {"run_dir": str(run_dir), "data": task.sizes(), "num_labels": task.num_labels,
+               "metrics": metric_names(task.task, task.num_labels), "notes": task.notes, "models": {}}
+    started = time.time()
+    with ray_session(cfg):
+        stages = []
+        if plan.finetune:
+            stages.append(Stage(TEACHER, cfg.teacher.path, None, _teacher_train(cfg)))
+        stages += [Stage(name, plan.teacher_dir, objective, cfg.train) for name, objective in plan.students.items()]
+        for stage in stages:
+            out = run_dir / "models" / stage.name
+            info = results["models"].setdefault(stage.name, {"path": str(out)})
+            fp = _fingerprint_file(cfg, stage.name)
+            if (out / TASK_FILE).is_file() and fp.is_file():
+                info["reused"] = True  # finished in an earlier run with the same settings
+                continue
+            fp.parent.mkdir(parents=True, exist_ok=True)
+            fp.write_text(json.dumps(_stage_fingerprint(plan, stage.name), indent=1))
+            tick = time.time()
+            result = fit_stage(cfg, task, stage, show_progress=show_progress)
+            export_checkpoint(result.checkpoint.path, out)
+            info.update(train_s=round(time.time() - tick, 1),
+                        examples_per_s=result.metrics.get("train_examples_per_s"),
+                        val={k[4:]: v for k, v in result.metrics.items() if k.startswith("val_")})
+        if not plan.finetune:
+            results["models"] = {TEACHER: {"path": plan.teacher_dir, "given": True}, **results["models"]}
+        cpus = max(1.0, cfg.scaling.cpus_per_worker * cfg.scaling.num_workers)
+        for name, info in results["models"].items():
+            info["test"] = evaluate_model(info["path"], task.splits["test"], results["metrics"], cfg.data.max_length,
+                                          cfg.train.eval_batch_size, cpus)
+            info["layers"], info["params"] = _size(info["path"])
+    results["wall_s"] = round(time.time() - started, 1)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (run_dir / "summary.txt").write_text(summary(results))
+    return results
+
+
+def _size(model_dir: str) -> tuple[int, int]:
+    from safetensors import safe_open
+
+    conf = json.loads((Path(model_dir) / "config.json").read_text())
+    layers = conf.get("num_hidden_layers", conf.get("num_layers"))
+    params = 0
+    for f in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as sf:
+            params += sum(_numel(sf.get_slice(k).get_shape()) for k in sf.keys())
+    return layers, params
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def summary(results: dict) -> str:
+    """The one-screen table: every model's test scores, size and training time."""
+    metrics = results["metrics"]
+    data = results["data"]
+    lines = [f"sinkd run: {results['run_dir']}",
+             f"data: {data.get('train', 0)} train / {data.get('validation', 0)} validation / {data.get('test', 0)} test rows, "
+             f"{results['num_labels']} labels"]
+    header = f"{'model':<10} {'layers':>6} {'params':>8}  " + "  ".join(f"{'test ' + m:>14}" for m in metrics) + \
+             f"  {'train s':>8} {'ex/s':>7}"
+    lines += ["", header, "-" * len(header)]
+    for name, info in results["models"].items():
+        scores = "  ".join(f"{info.get('test', {}).get(m, float('nan')):>14.4f}" for m in metrics)
+        train_s = "reused" if info.get("reused") else "given" if info.get("given") else f"{info.get('train_s', 0):.0f}"
+        eps = info.get("examples_per_s")
+        lines.append(f"{name:<10} {info.get('layers') or '?':>6} {info.get('params', 0) / 1e6:>7.1f}M  {scores}"
+                     f"  {train_s:>8} {eps if eps is None else round(eps):>7}")
+    lines += ["", f"wall time: {results.get('wall_s', 0):.0f} s",
+              f"models: {Path(results['run_dir']) / 'models'}",
+              f"TensorBoard: tensorboard --logdir {Path(results['run_dir']) / 'tb'}"]
+    lines += [f"note: {n}" for n in results.get("notes", [])]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,167 @@
+"""Teachers and students as one interface: forward(batch) -> (N, num_labels) logits.
+
+- Encoder classifiers (BERT family): AutoModelForSequenceClassification logits.
+- Encoder-decoders (T5 family): the first decoder step's logits restricted to the first token of
+  each label word, so the same objective distils the label/answer tokens.
+Students come from a pretrained path, from the teacher's config with overrides (random init), or
+from a subset of the teacher's layers (the PKD-style copy of the SinKD code).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+TASK_FILE = "sinkd_task.json"  # written next to exported models: kind, labels, label token ids
+_LAYER_KEY = re.compile(r"((?:^|\.)(?:encoder|decoder)\.(?:layer|block)\.)(\d+)(\.)")
+
+
+def model_kind(path: str | Path) -> str:
+    conf = json.loads((Path(path) / "config.json").read_text())
+    return "seq2seq" if conf.get("is_encoder_decoder") else "encoder"
+
+
+def read_task_file(path: str | Path) -> dict | None:
+    f = Path(path) / TASK_FILE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def is_task_tuned(path: str | Path, num_labels: int) -> bool:
+    """True when the model already has a head for this task (exported by sinkd, or a matching classifier)."""
+    meta = read_task_file(path)
+    if meta is not None:
+        return meta.get("num_labels") == num_labels
+    conf = json.loads((Path(path) / "config.json").read_text())
+    archs = conf.get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in archs) and len(conf.get("id2label", {})) == num_labels
+
+
+def label_token_ids(tokenizer, words: list[str]) -> list[int]:
+    """First token of each label word; they must differ, or the classes are indistinguishable."""
+    ids = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"data.label_words: {words} do not start with distinct tokens ({ids}); choose other words")
+    return ids
+
+
+class Classifier(nn.Module):
+    """Wraps a Hugging Face model so every family returns (N, num_labels) logits."""
+
+    def __init__(self, model: nn.Module, kind: str, label_ids: list[int] | None = None):
+        super().__init__()
+        self.model, self.kind = model, kind
+        self.register_buffer("label_ids", torch.tensor(label_ids or [], dtype=torch.long), persistent=False)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        if self.kind == "encoder":
+            kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+        start = torch.full((input_ids.shape[0], 1), self.model.config.decoder_start_token_id,
+                           dtype=input_ids.dtype, device=input_ids.device)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=start).logits
+        return logits[:, 0, self.label_ids]
+
+
+def model_inputs(batch: dict, device) -> dict:
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    return {k: batch[k].to(device) for k in keys if k in batch}
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _auto_class(kind: str):
+    from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if kind == "encoder" else AutoModelForSeq2SeqLM
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def load_pretrained(path: str | Path, kind: str, num_labels: int, label_names: list[str] | None = None) -> nn.Module:
+    """A Hugging Face model; encoder classifiers get a head of num_labels (new if the size differs)."""
+    _quiet_transformers()
+    if kind == "seq2seq":
+        return _auto_class(kind).from_pretrained(path)
+    names = label_names or [str(i) for i in range(num_labels)]
+    return _auto_class(kind).from_pretrained(path, num_labels=num_labels, id2label=dict(enumerate(names)),
+                                             label2id={n: i for i, n in enumerate(names)},
+                                             ignore_mismatched_sizes=True)
+
+
+def _layer_count_keys(conf) -> list[str]:
+    return [k for k in ("num_hidden_layers", "num_layers", "num_decoder_layers") if hasattr(conf, k)]
+
+
+def student_from_teacher_layers(teacher: nn.Module, layers: list[int]) -> nn.Module:
+    """PKD-style: same architecture with len(layers) layers, initialised from those teacher layers
+    (embeddings, pooler and head copied as they are)."""
+    conf = copy.deepcopy(teacher.config)
+    for key in _layer_count_keys(conf):
+        setattr(conf, key, len(layers))
+    student = type(teacher)(conf)
+    source = teacher.state_dict()
+
+    def teacher_key(key: str) -> str:
+        return _LAYER_KEY.sub(lambda m: f"{m.group(1)}{layers[int(m.group(2))]}{m.group(3)}", key)
+
+    state = {}
+    for key in student.state_dict():
+        src = teacher_key(key)
+        if src not in source:  # e.g. T5's relative attention bias lives in block 0 only
+            src = _LAYER_KEY.sub(lambda m: f"{m.group(1)}0{m.group(3)}", key)
+        state[key] = source[src].clone()
+    student.load_state_dict(state, strict=True)
+    return student
+
+
+def build_student(cfg, teacher_path: str, kind: str, num_labels: int, label_names) -> nn.Module:
+    """The student's Hugging Face model per `student.init` (call under a fixed seed: identical on all ranks)."""
+    from transformers import AutoConfig
+
+    s = cfg.student
+    if s.init == "pretrained":
+        return load_pretrained(s.path, kind, num_labels, label_names)
+    teacher = load_pretrained(teacher_path, kind, num_labels, label_names)
+    if s.init == "teacher_layers":
+        return student_from_teacher_layers(teacher, s.layers)
+    conf = AutoConfig.from_pretrained(teacher_path)
+    conf.update({**s.config})
+    if kind == "encoder":
+        conf.num_labels = num_labels
+        conf.id2label, conf.label2id = teacher.config.id2label, teacher.config.label2id
+    return _auto_class(kind).from_config(conf)
+
+
+def build_teacher(path: str, kind: str, num_labels: int, label_names, ds_config: dict | None):
+    """Frozen eval-mode teacher. With ZeRO-3 it is built while an HfDeepSpeedConfig is alive, so
+    transformers partitions the weights as they load (deepspeed.zero.Init directly fails in v5)."""
+    zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
+    if zero3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (weakly referenced by transformers)
+    model = load_pretrained(path, kind, num_labels, label_names)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def no_grad_if(frozen: bool):
+    return torch.no_grad() if frozen else nullcontext()

@@ -1,0 +1,340 @@
+"""One training stage (teacher fine-tuning, or one distillation) as a Ray Train V2 TorchTrainer run.
+
+Each worker: deepspeed.initialize(student) with the configured ZeRO stage, a frozen eval-mode teacher
+(ZeRO-3 partitioned under stage 3), the sinkd objective, per-epoch validation, and
+`ray.train.report(metrics, checkpoint)` with a DeepSpeed checkpoint. A restarted worker group
+(FailureConfig) or a re-launched run resumes from the latest checkpoint at the exact optimizer step:
+the data order is a deterministic function of (seed, epoch) and dropout is seeded per micro-batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import Config, TrainConfig, _build, objective_config
+from .data import PAD_ID, PadCollate, batches_per_shard, padded_rows, to_ray
+from .evaluate import compute_metrics, metric_names
+
+STATE_FILE = "sinkd_state.json"  # progress counters and the per-step loss log, beside DeepSpeed's files
+META_DIR = "hf_meta"  # the student's config, tokenizer and task file: what export needs besides weights
+DS_TAG = "ds"
+
+
+@dataclass
+class Stage:
+    """What one TorchTrainer run trains: `objective` None means CE fine-tuning of `model_path` itself."""
+
+    name: str
+    model_path: str  # the teacher (distillation) or the model to fine-tune
+    objective: dict | None
+    train: TrainConfig
+
+
+@dataclass
+class TaskMeta:
+    kind: str  # encoder | seq2seq
+    num_labels: int
+    label_names: list | None
+    label_token_ids: list | None
+    metrics: list
+    batches_per_epoch: int  # per worker (equal shards)
+    steps_per_epoch: int  # optimizer steps per epoch
+    pad_token_id: int
+
+
+def deepspeed_config(t: TrainConfig, total_steps: int, use_gpu: bool) -> dict:
+    """DeepSpeed settings from the job config; we own gradient-accumulation boundaries (epochs end
+    on a partial window) so the loop, not DeepSpeed's counter, decides when a step happens."""
+    warmup = max(1, round(t.warmup_ratio * total_steps))
+    scheduler = {
+        "linear": {"type": "WarmupDecayLR", "params": {"total_num_steps": max(total_steps, warmup + 1), "warmup_min_lr": 0.0,
+                                                       "warmup_max_lr": t.lr, "warmup_num_steps": warmup, "warmup_type": "linear"}},
+        "cosine": {"type": "WarmupCosineLR", "params": {"total_num_steps": max(total_steps, warmup + 1), "warmup_min_ratio": 0.0,
+                                                        "warmup_num_steps": warmup, "cos_min_ratio": 0.0, "warmup_type": "linear"}},
+        "constant": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": t.lr,
+                                                    "warmup_num_steps": warmup, "warmup_type": "linear"}},
+    }[t.schedule]
+    return {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": t.max_grad_norm,
+        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay, "torch_adam": True}},
+        "scheduler": scheduler,
+        "zero_optimization": {"stage": t.zero_stage, "overlap_comm": use_gpu and t.zero_stage == 2},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _param_groups(model, weight_decay: float):
+    """No weight decay on biases and LayerNorm weights (the usual BERT recipe)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def train_loop_per_worker(payload: dict) -> None:
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+    from sinkd import DistillationObjective
+
+    from .models import Classifier, build_student, build_teacher, load_pretrained, model_inputs
+
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    # DeepSpeed's ZeRO-2 calls a torch.distributed function torch has deprecated; not ours to fix.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    cfg: Config = _build(Config, payload["config"], "")
+    stage = Stage(**{**payload["stage"], "train": _build(TrainConfig, payload["stage"]["train"], "")})
+    meta = TaskMeta(**payload["meta"])
+    t = stage.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    total_steps = meta.steps_per_epoch * t.epochs
+    ds_config = deepspeed_config(t, total_steps, cfg.scaling.use_gpu)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
+
+    torch.manual_seed(cfg.seed)  # the same initial student on every rank
+    distill = stage.objective is not None
+    if distill:
+        hf = build_student(cfg, stage.model_path, meta.kind, meta.num_labels, meta.label_names)
+    else:
+        hf = load_pretrained(stage.model_path, meta.kind, meta.num_labels, meta.label_names)
+    student = Classifier(hf, meta.kind, meta.label_token_ids)
+    engine, _, _, _ = deepspeed.initialize(model=student, model_parameters=_param_groups(student, t.weight_decay),
+                                           config=ds_config)
+    teacher, objective = None, None
+    if distill:
+        t_model = Classifier(build_teacher(stage.model_path, meta.kind, meta.num_labels, meta.label_names, ds_config),
+                             meta.kind, meta.label_token_ids)
+        if t.zero_stage == 3:  # ZeRO-3 inference: parameters stay partitioned, gathered per layer
+            infer = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+            teacher = deepspeed.initialize(model=t_model, config=infer)[0]
+            teacher.eval()
+        else:
+            teacher = t_model.to(device=device, dtype=dtype)
+        objective = DistillationObjective(objective_config(stage.objective))
+
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "loss_log": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
+            state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+        if engine.global_steps != state["global_step"]:
+            raise RuntimeError(f"checkpoint mismatch: DeepSpeed at step {engine.global_steps}, state at {state['global_step']}")
+
+    progress = payload.get("progress")
+    collate = PadCollate(meta.pad_token_id)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation")
+    fault_marker = Path(cfg.run_dir) / f".fault_injected_{stage.name}"
+
+    def all_mean(values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64)
+        if world > 1:
+            torch.distributed.all_reduce(tensor)
+        return (tensor / world).tolist()
+
+    def save(metrics: dict) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(tmp, tag=DS_TAG)
+            if rank == 0:
+                (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+                _write_meta(Path(tmp) / META_DIR, hf, stage, meta)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    for epoch in range(state["epoch"], t.epochs):
+        engine.train()
+        window_sums, window_n, epoch_sums, epoch_steps = [0.0] * 4, 0, [0.0] * 4, 0
+        examples, step_time = 0, 0.0
+        skip = state["step_in_epoch"] * t.grad_accum  # micro-batches already trained (mid-epoch resume)
+        micro = -1
+        batches = train_shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=collate,
+                                                 local_shuffle_buffer_size=t.shuffle_buffer or None,
+                                                 local_shuffle_seed=cfg.seed * 1000 + epoch if t.shuffle_buffer else None)
+        for micro, batch in enumerate(batches):
+            step_idx = micro // t.grad_accum
+            if micro < skip or step_idx >= meta.steps_per_epoch:
+                continue  # consume, so every shard's epoch ends together
+            tick = time.perf_counter()
+            torch.manual_seed(hash((cfg.seed, epoch, micro, rank)) % (1 << 31))  # dropout, reproducible on resume
+            window = min(t.grad_accum, meta.batches_per_epoch - step_idx * t.grad_accum)
+            inputs = model_inputs(batch, device)
+            labels, real = batch["labels"].to(device), (batch["ids"] != PAD_ID).to(device)
+            logits = engine(**inputs).float()
+            if not bool(real.any()):
+                loss, terms = logits.sum() * 0.0, {"loss": 0.0, "ce": 0.0, "kd": 0.0, "sinkhorn": 0.0}
+            elif distill:
+                with torch.no_grad():
+                    t_logits = teacher(**inputs).float()
+                out = objective(logits[real], t_logits[real], labels=labels[real])
+                loss, terms = out.loss, out.as_dict()
+            else:
+                loss = F.cross_entropy(logits[real], labels[real])
+                terms = {"loss": float(loss.detach()), "ce": float(loss.detach()), "kd": 0.0, "sinkhorn": 0.0}
+            engine.backward(loss / window, scale_wrt_gas=False)
+            window_sums = [s + terms[k] / window for s, k in zip(window_sums, ("loss", "ce", "kd", "sinkhorn"))]
+            window_n += 1
+            examples += int(real.sum())
+            if window_n == window:  # end of the accumulation window: one optimizer step
+                engine.step()
+                step_time += time.perf_counter() - tick
+                logged = all_mean(window_sums)
+                state["global_step"] += 1
+                state["step_in_epoch"] += 1
+                state["loss_log"].append([state["global_step"], logged[0]])
+                epoch_sums = [a + b for a, b in zip(epoch_sums, logged)]
+                epoch_steps += 1
+                window_sums, window_n = [0.0] * 4, 0
+                if rank == 0 and progress is not None and state["global_step"] % t.log_every_steps == 0:
+                    progress.push.remote("train", state["global_step"], {
+                        "loss": logged[0], "ce": logged[1], "kd": logged[2], "sinkhorn": logged[3],
+                        "lr": float(engine.get_lr()[0]), "epoch": epoch + state["step_in_epoch"] / meta.steps_per_epoch})
+                _maybe_inject_failure(cfg, state["global_step"], rank, world, fault_marker)
+                if t.checkpoint_every_steps and state["global_step"] % t.checkpoint_every_steps == 0 \
+                        and state["step_in_epoch"] < meta.steps_per_epoch:
+                    save({"stage": stage.name, "epoch": epoch, "global_step": state["global_step"], "loss": logged[0]})
+            else:
+                step_time += time.perf_counter() - tick
+        if micro + 1 != meta.batches_per_epoch:
+            raise RuntimeError(f"rank {rank} got {micro + 1} batches in epoch {epoch}, expected {meta.batches_per_epoch}")
+
+        val = _validate(engine, val_shard, collate, t.eval_batch_size, device, meta, world)
+        n_examples = all_mean([examples])[0] * world
+        state.update(epoch=epoch + 1, step_in_epoch=0)
+        train_means = [s / max(epoch_steps, 1) for s in epoch_sums]
+        metrics = {"stage": stage.name, "epoch": epoch + 1, "global_step": state["global_step"],
+                   "train_loss": train_means[0], "train_ce": train_means[1], "train_kd": train_means[2],
+                   "train_sinkhorn": train_means[3],
+                   "train_examples_per_s": n_examples / max(all_mean([step_time])[0], 1e-9),
+                   **{f"val_{k}": v for k, v in val.items()}}
+        if rank == 0 and progress is not None:
+            progress.push.remote("val", state["global_step"], {k: v for k, v in metrics.items() if k != "stage"})
+        save(metrics)
+
+
+def _validate(engine, shard, collate, batch_size, device, meta: TaskMeta, world: int) -> dict:
+    """Predictions of every rank's validation shard, gathered, scored on all ranks."""
+    from .models import model_inputs
+
+    engine.eval()
+    ids, preds, labels, losses = [], [], [], []
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate):
+            logits = engine(**model_inputs(batch, device)).float()
+            ids.append(batch["ids"])
+            labels.append(batch["labels"])
+            preds.append(logits.argmax(-1).cpu())
+            losses.append(F.cross_entropy(logits.cpu(), batch["labels"], reduction="none"))
+    engine.train()
+    local = [torch.cat(x).tolist() if x else [] for x in (ids, preds, labels, losses)]
+    gathered = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(gathered, local)
+    else:
+        gathered = [local]
+    rows = [r for part in gathered for r in zip(*part) if r[0] != PAD_ID]
+    rows.sort()
+    _, p, y, loss = zip(*rows)
+    return {**compute_metrics(meta.metrics, p, y), "loss": float(sum(loss) / len(loss)), "examples": len(rows)}
+
+
+def _maybe_inject_failure(cfg: Config, step: int, rank: int, world: int, marker: Path) -> None:
+    """debug.fail_at_step: hard-kill the last rank once (tests the FailureConfig restart + resume)."""
+    if cfg.debug.fail_at_step == step and rank == world - 1 and not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"killed rank {rank} at step {step}\n")
+        os._exit(1)
+
+
+def _write_meta(path: Path, hf, stage: Stage, meta: TaskMeta) -> None:
+    from .data import load_tokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    hf.config.save_pretrained(path)
+    load_tokenizer(stage.model_path).save_pretrained(path)
+    task = {"kind": meta.kind, "num_labels": meta.num_labels, "label_names": meta.label_names,
+            "label_token_ids": meta.label_token_ids, "metrics": meta.metrics, "stage": stage.name}
+    (path / "sinkd_task.json").write_text(json.dumps(task, indent=1))
+
+
+# ----------------------------------------------------------------------------- driver side
+
+
+def stage_meta(cfg: Config, task, stage: Stage) -> TaskMeta:
+    from .data import load_tokenizer
+    from .models import label_token_ids, model_kind
+
+    kind = model_kind(stage.model_path)
+    tok = load_tokenizer(stage.model_path)
+    words = cfg.data.label_words or task.label_names
+    label_ids = label_token_ids(tok, words) if kind == "seq2seq" else None
+    world, t = cfg.scaling.num_workers, stage.train
+    rows = task.splits["train"].num_rows
+    batches = batches_per_shard(rows + padded_rows(rows, world), world, t.batch_size)
+    steps = math.ceil(batches / t.grad_accum)
+    if t.max_steps_per_epoch:
+        steps = min(steps, t.max_steps_per_epoch)
+    return TaskMeta(kind, task.num_labels, task.label_names, label_ids, metric_names(task.task, task.num_labels),
+                    batches, steps, tok.pad_token_id if tok.pad_token_id is not None else 0)
+
+
+def fit_stage(cfg: Config, task, stage: Stage, show_progress: bool = True):
+    """Run one stage with Ray Train; returns the ray.train.Result (checkpoint = the final epoch's)."""
+    import ray
+    from ray.data import DataContext, ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .progress import ProgressLog, ProgressUI
+
+    DataContext.get_current().enable_progress_bars = False
+    meta = stage_meta(cfg, task, stage)
+    world, s, t = cfg.scaling.num_workers, cfg.scaling, stage.train
+    datasets = {split: to_ray(task.splits[split], world, stage.model_path, cfg.data.max_length)
+                for split in ("train", "validation")}
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    log = ProgressLog.remote()
+    payload = {"config": cfg.to_dict(), "stage": {**dataclasses.asdict(stage)}, "meta": dataclasses.asdict(meta),
+               "progress": log}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=payload,
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=s.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=stage.name, storage_path=str(Path(cfg.run_dir) / "ray"),
+                             failure_config=FailureConfig(max_failures=s.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if s.use_gpu else "cpu",
+                                                              "TOKENIZERS_PARALLELISM": "false"}}),
+        datasets=datasets,
+        # preserve_order: the same rows reach the same rank in the same order on a rerun (resume);
+        # the equal split never drops a row because to_ray pads to a multiple of the worker count.
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    tb = Path(cfg.run_dir) / "tb" / stage.name
+    with ProgressUI(log, stage.name, meta.steps_per_epoch * t.epochs, tb, show=show_progress):
+        result = trainer.fit()
+    ray.kill(log)
+    return result

@@ -17,7 +17,7 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,6 +52,7 @@ class TaskMeta:
     batches_per_epoch: int  # per worker (equal shards)
     steps_per_epoch: int  # optimizer steps per epoch
     pad_token_id: int
+    train_ids: list  # [count, sum, sum of squares] of the real training ids: checked every epoch
 
 
 def deepspeed_config(t: TrainConfig, total_steps: int, use_gpu: bool) -> dict:
@@ -93,152 +94,204 @@ def _param_groups(model, weight_decay: float):
 # ----------------------------------------------------------------------------- worker side
 
 
+@dataclass
+class State:
+    """Where training stands; saved beside DeepSpeed's files in every checkpoint."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimizer steps done in `epoch`
+    global_step: int = 0
+    loss_log: list = field(default_factory=list)  # [global_step, mean loss over ranks] per optimizer step
+    resumed_from: list = field(default_factory=list)  # global steps this lineage restarted from
+
+
+@dataclass
+class Worker:
+    """What one rank holds: the student engine, the frozen teacher, the objective."""
+
+    cfg: Config
+    stage: Stage
+    meta: TaskMeta
+    rank: int
+    world: int
+    device: torch.device
+    hf: object  # the student's Hugging Face model (config and tokenizer for checkpoints)
+    engine: object  # DeepSpeed engine around models.Classifier(student)
+    teacher: object = None  # Classifier (or ZeRO-3 inference engine); None for fine-tuning
+    objective: object = None
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64)
+        if self.world > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+
 def train_loop_per_worker(payload: dict) -> None:
+    """Ray Train entry point: setup, resume, then per epoch train -> validate -> checkpoint + report."""
+    import ray.train
+
+    w = _setup(payload)
+    state = _resume(w)
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("validation")
+    for epoch in range(state.epoch, w.stage.train.epochs):
+        stats = _train_epoch(w, train_shard, epoch, state, payload.get("progress"))
+        val = {f"val_{k}": v for k, v in _validate(w, val_shard).items()}
+        state.epoch, state.step_in_epoch = epoch + 1, 0
+        metrics = {"stage": w.stage.name, "epoch": epoch + 1, "global_step": state.global_step, **stats, **val}
+        if w.rank == 0 and payload.get("progress") is not None:
+            payload["progress"].push.remote("val", state.global_step, {k: v for k, v in val.items()})
+        _save_and_report(w, state, metrics)
+
+
+def _setup(payload: dict) -> Worker:
     import deepspeed
     import ray.train
     import ray.train.torch
     from sinkd import DistillationObjective
 
-    from .models import Classifier, build_student, build_teacher, load_pretrained, model_inputs
+    from .models import Classifier, build_student, build_teacher, load_pretrained
 
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-    # DeepSpeed's ZeRO-2 calls a torch.distributed function torch has deprecated; not ours to fix.
+    # DeepSpeed's ZeRO code calls torch.distributed functions torch has deprecated; not ours to fix.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     cfg: Config = _build(Config, payload["config"], "")
     stage = Stage(**{**payload["stage"], "train": _build(TrainConfig, payload["stage"]["train"], "")})
-    meta = TaskMeta(**payload["meta"])
-    t = stage.train
+    meta, t = TaskMeta(**payload["meta"]), stage.train
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    ds_config = deepspeed_config(t, meta.steps_per_epoch * t.epochs, cfg.scaling.use_gpu)
     device = ray.train.torch.get_device()
-    total_steps = meta.steps_per_epoch * t.epochs
-    ds_config = deepspeed_config(t, total_steps, cfg.scaling.use_gpu)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
 
     torch.manual_seed(cfg.seed)  # the same initial student on every rank
-    distill = stage.objective is not None
-    if distill:
-        hf = build_student(cfg, stage.model_path, meta.kind, meta.num_labels, meta.label_names)
-    else:
+    if stage.objective is None:
         hf = load_pretrained(stage.model_path, meta.kind, meta.num_labels, meta.label_names)
+    else:
+        hf = build_student(cfg, stage.model_path, meta.kind, meta.num_labels, meta.label_names)
     student = Classifier(hf, meta.kind, meta.label_token_ids)
-    engine, _, _, _ = deepspeed.initialize(model=student, model_parameters=_param_groups(student, t.weight_decay),
-                                           config=ds_config)
-    teacher, objective = None, None
-    if distill:
-        t_model = Classifier(build_teacher(stage.model_path, meta.kind, meta.num_labels, meta.label_names, ds_config),
+    engine = deepspeed.initialize(model=student, model_parameters=_param_groups(student, t.weight_decay),
+                                  config=ds_config)[0]
+    w = Worker(cfg, stage, meta, ctx.get_world_rank(), ctx.get_world_size(), device, hf, engine)
+    if stage.objective is not None:
+        teacher = Classifier(build_teacher(stage.model_path, meta.kind, meta.num_labels, meta.label_names, ds_config),
                              meta.kind, meta.label_token_ids)
-        if t.zero_stage == 3:  # ZeRO-3 inference: parameters stay partitioned, gathered per layer
-            infer = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
-            teacher = deepspeed.initialize(model=t_model, config=infer)[0]
-            teacher.eval()
+        if t.zero_stage == 3:  # ZeRO-3 inference: the teacher stays partitioned, gathered layer by layer
+            inference = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+            w.teacher = deepspeed.initialize(model=teacher, config=inference)[0]
+            w.teacher.eval()
         else:
-            teacher = t_model.to(device=device, dtype=dtype)
-        objective = DistillationObjective(objective_config(stage.objective))
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
+            w.teacher = teacher.to(device=device, dtype=dtype)
+        w.objective = DistillationObjective(objective_config(stage.objective))
+    return w
 
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "loss_log": []}
+
+def _resume(w: Worker) -> State:
+    """The latest checkpoint of this run (after a worker failure or a relaunch), else a fresh start."""
+    import ray.train
+
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
-            state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
-        if engine.global_steps != state["global_step"]:
-            raise RuntimeError(f"checkpoint mismatch: DeepSpeed at step {engine.global_steps}, state at {state['global_step']}")
+    if not checkpoint:
+        return State()
+    with checkpoint.as_directory() as ckpt_dir:
+        w.engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
+        state = State(**json.loads((Path(ckpt_dir) / STATE_FILE).read_text()))
+    if w.engine.global_steps != state.global_step:
+        raise RuntimeError(f"checkpoint mismatch: DeepSpeed at step {w.engine.global_steps}, sinkd at {state.global_step}")
+    state.resumed_from.append(state.global_step)
+    return state
 
-    progress = payload.get("progress")
+
+def _loss(w: Worker, batch: dict):
+    """The objective on this rank's real rows (padding rows only keep collectives matched)."""
+    from .models import model_inputs
+
+    inputs = model_inputs(batch, w.device)
+    labels, real = batch["labels"].to(w.device), (batch["ids"] != PAD_ID).to(w.device)
+    logits = w.engine(**inputs).float()
+    if not bool(real.any()):
+        return logits.sum() * 0.0, [0.0] * 4
+    if w.teacher is None:  # teacher fine-tuning: plain cross-entropy
+        loss = F.cross_entropy(logits[real], labels[real])
+        return loss, [float(loss.detach()), float(loss.detach()), 0.0, 0.0]
+    with torch.no_grad():
+        t_logits = w.teacher(**inputs).float()
+    out = w.objective(logits[real], t_logits[real], labels=labels[real])
+    terms = out.as_dict()
+    return out.loss, [terms[k] for k in ("loss", "ce", "kd", "sinkhorn")]
+
+
+def _train_epoch(w: Worker, shard, epoch: int, state: State, progress) -> dict:
+    """One pass over this rank's shard; an optimizer step every grad_accum micro-batches (and at the end)."""
+    t, meta = w.stage.train, w.meta
+    w.engine.train()
     collate = PadCollate(meta.pad_token_id)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("validation")
-    fault_marker = Path(cfg.run_dir) / f".fault_injected_{stage.name}"
-
-    def all_mean(values: list[float]) -> list[float]:
-        tensor = torch.tensor(values, dtype=torch.float64)
-        if world > 1:
-            torch.distributed.all_reduce(tensor)
-        return (tensor / world).tolist()
-
-    def save(metrics: dict) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(tmp, tag=DS_TAG)
-            if rank == 0:
-                (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
-                _write_meta(Path(tmp) / META_DIR, hf, stage, meta)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-    for epoch in range(state["epoch"], t.epochs):
-        engine.train()
-        window_sums, window_n, epoch_sums, epoch_steps = [0.0] * 4, 0, [0.0] * 4, 0
-        examples, step_time = 0, 0.0
-        skip = state["step_in_epoch"] * t.grad_accum  # micro-batches already trained (mid-epoch resume)
-        micro = -1
-        batches = train_shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=collate,
-                                                 local_shuffle_buffer_size=t.shuffle_buffer or None,
-                                                 local_shuffle_seed=cfg.seed * 1000 + epoch if t.shuffle_buffer else None)
-        for micro, batch in enumerate(batches):
-            step_idx = micro // t.grad_accum
-            if micro < skip or step_idx >= meta.steps_per_epoch:
-                continue  # consume, so every shard's epoch ends together
-            tick = time.perf_counter()
-            torch.manual_seed(hash((cfg.seed, epoch, micro, rank)) % (1 << 31))  # dropout, reproducible on resume
-            window = min(t.grad_accum, meta.batches_per_epoch - step_idx * t.grad_accum)
-            inputs = model_inputs(batch, device)
-            labels, real = batch["labels"].to(device), (batch["ids"] != PAD_ID).to(device)
-            logits = engine(**inputs).float()
-            if not bool(real.any()):
-                loss, terms = logits.sum() * 0.0, {"loss": 0.0, "ce": 0.0, "kd": 0.0, "sinkhorn": 0.0}
-            elif distill:
-                with torch.no_grad():
-                    t_logits = teacher(**inputs).float()
-                out = objective(logits[real], t_logits[real], labels=labels[real])
-                loss, terms = out.loss, out.as_dict()
-            else:
-                loss = F.cross_entropy(logits[real], labels[real])
-                terms = {"loss": float(loss.detach()), "ce": float(loss.detach()), "kd": 0.0, "sinkhorn": 0.0}
-            engine.backward(loss / window, scale_wrt_gas=False)
-            window_sums = [s + terms[k] / window for s, k in zip(window_sums, ("loss", "ce", "kd", "sinkhorn"))]
-            window_n += 1
-            examples += int(real.sum())
-            if window_n == window:  # end of the accumulation window: one optimizer step
-                engine.step()
-                step_time += time.perf_counter() - tick
-                logged = all_mean(window_sums)
-                state["global_step"] += 1
-                state["step_in_epoch"] += 1
-                state["loss_log"].append([state["global_step"], logged[0]])
-                epoch_sums = [a + b for a, b in zip(epoch_sums, logged)]
-                epoch_steps += 1
-                window_sums, window_n = [0.0] * 4, 0
-                if rank == 0 and progress is not None and state["global_step"] % t.log_every_steps == 0:
-                    progress.push.remote("train", state["global_step"], {
-                        "loss": logged[0], "ce": logged[1], "kd": logged[2], "sinkhorn": logged[3],
-                        "lr": float(engine.get_lr()[0]), "epoch": epoch + state["step_in_epoch"] / meta.steps_per_epoch})
-                _maybe_inject_failure(cfg, state["global_step"], rank, world, fault_marker)
-                if t.checkpoint_every_steps and state["global_step"] % t.checkpoint_every_steps == 0 \
-                        and state["step_in_epoch"] < meta.steps_per_epoch:
-                    save({"stage": stage.name, "epoch": epoch, "global_step": state["global_step"], "loss": logged[0]})
-            else:
-                step_time += time.perf_counter() - tick
-        if micro + 1 != meta.batches_per_epoch:
-            raise RuntimeError(f"rank {rank} got {micro + 1} batches in epoch {epoch}, expected {meta.batches_per_epoch}")
-
-        val = _validate(engine, val_shard, collate, t.eval_batch_size, device, meta, world)
-        n_examples = all_mean([examples])[0] * world
-        state.update(epoch=epoch + 1, step_in_epoch=0)
-        train_means = [s / max(epoch_steps, 1) for s in epoch_sums]
-        metrics = {"stage": stage.name, "epoch": epoch + 1, "global_step": state["global_step"],
-                   "train_loss": train_means[0], "train_ce": train_means[1], "train_kd": train_means[2],
-                   "train_sinkhorn": train_means[3],
-                   "train_examples_per_s": n_examples / max(all_mean([step_time])[0], 1e-9),
-                   **{f"val_{k}": v for k, v in val.items()}}
-        if rank == 0 and progress is not None:
-            progress.push.remote("val", state["global_step"], {k: v for k, v in metrics.items() if k != "stage"})
-        save(metrics)
+    batches = shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=collate,
+                                       local_shuffle_buffer_size=t.shuffle_buffer or None,
+                                       local_shuffle_seed=w.cfg.seed * 1000 + epoch if t.shuffle_buffer else None)
+    skip = state.step_in_epoch * t.grad_accum  # micro-batches already trained (mid-epoch resume)
+    window_terms, epoch_terms, steps, examples = [0.0] * 4, [0.0] * 4, 0, 0
+    ids_seen = [0.0, 0.0, 0.0]  # count, sum, sum of squares of real ids: the exactly-once check
+    micro, started = -1, time.perf_counter()
+    for micro, batch in enumerate(batches):
+        real_ids = batch["ids"][batch["ids"] != PAD_ID].double()
+        ids_seen = [ids_seen[0] + len(real_ids), ids_seen[1] + float(real_ids.sum()), ids_seen[2] + float((real_ids ** 2).sum())]
+        step_idx = micro // t.grad_accum
+        if micro < skip or step_idx >= meta.steps_per_epoch:
+            continue  # consumed but not trained: every rank's epoch still ends together
+        torch.manual_seed(hash((w.cfg.seed, epoch, micro, w.rank)) % (1 << 31))  # dropout, reproducible on resume
+        window = min(t.grad_accum, meta.batches_per_epoch - step_idx * t.grad_accum)
+        loss, terms = _loss(w, batch)
+        w.engine.backward(loss / window, scale_wrt_gas=False)
+        window_terms = [a + b / window for a, b in zip(window_terms, terms)]
+        examples += int((batch["ids"] != PAD_ID).sum())
+        if (micro + 1) % t.grad_accum and micro + 1 < meta.batches_per_epoch:
+            continue
+        w.engine.step()  # the end of an accumulation window
+        logged = [v / w.world for v in w.all_sum(window_terms)]
+        window_terms = [0.0] * 4
+        state.global_step += 1
+        state.step_in_epoch += 1
+        state.loss_log.append([state.global_step, logged[0]])
+        epoch_terms, steps = [a + b for a, b in zip(epoch_terms, logged)], steps + 1
+        if w.rank == 0 and progress is not None and state.global_step % t.log_every_steps == 0:
+            progress.push.remote("train", state.global_step, {
+                **dict(zip(("loss", "ce", "kd", "sinkhorn"), logged)), "lr": float(w.engine.get_lr()[0]),
+                "epoch": epoch + state.step_in_epoch / meta.steps_per_epoch})
+        _maybe_inject_failure(w, state.global_step)
+        if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0 \
+                and state.step_in_epoch < meta.steps_per_epoch:
+            _save_and_report(w, state, {"stage": w.stage.name, "epoch": epoch, "global_step": state.global_step,
+                                        "train_loss": logged[0]})
+    elapsed = time.perf_counter() - started
+    if micro + 1 != meta.batches_per_epoch:
+        raise RuntimeError(f"rank {w.rank} got {micro + 1} batches in epoch {epoch}, expected {meta.batches_per_epoch}")
+    totals = w.all_sum(ids_seen + [examples, elapsed])
+    if totals[:3] != meta.train_ids:
+        raise RuntimeError(f"epoch {epoch}: the workers saw {int(totals[0])} training rows, not each of the "
+                           f"{int(meta.train_ids[0])} exactly once (id checksum mismatch)")
+    means = [v / max(steps, 1) for v in epoch_terms]
+    return {"train_loss": means[0], "train_ce": means[1], "train_kd": means[2], "train_sinkhorn": means[3],
+            "train_examples": int(totals[3]), "train_examples_per_s": totals[3] / max(totals[4] / w.world, 1e-9)}
 
 
-def _validate(engine, shard, collate, batch_size, device, meta: TaskMeta, world: int) -> dict:
+def _save_and_report(w: Worker, state: State, metrics: dict) -> None:
+    """DeepSpeed checkpoint (every rank writes its partitions) + state + student meta -> ray.train.report."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        w.engine.save_checkpoint(tmp, tag=DS_TAG)
+        if w.rank == 0:
+            (Path(tmp) / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state)))
+            _write_meta(Path(tmp) / META_DIR, w.hf, w.stage, w.meta)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _validate(w: Worker, shard) -> dict:
     """Predictions of every rank's validation shard, gathered, scored on all ranks."""
     from .models import model_inputs
 
+    engine, world, device, meta = w.engine, w.world, w.device, w.meta
+    collate, batch_size = PadCollate(meta.pad_token_id), w.stage.train.eval_batch_size
     engine.eval()
     ids, preds, labels, losses = [], [], [], []
     with torch.no_grad():
@@ -261,11 +314,12 @@ def _validate(engine, shard, collate, batch_size, device, meta: TaskMeta, world:
     return {**compute_metrics(meta.metrics, p, y), "loss": float(sum(loss) / len(loss)), "examples": len(rows)}
 
 
-def _maybe_inject_failure(cfg: Config, step: int, rank: int, world: int, marker: Path) -> None:
+def _maybe_inject_failure(w: Worker, step: int) -> None:
     """debug.fail_at_step: hard-kill the last rank once (tests the FailureConfig restart + resume)."""
-    if cfg.debug.fail_at_step == step and rank == world - 1 and not marker.exists():
+    marker = Path(w.cfg.run_dir) / f".fault_injected_{w.stage.name}"
+    if w.cfg.debug.fail_at_step == step and w.rank == w.world - 1 and not marker.exists():
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"killed rank {rank} at step {step}\n")
+        marker.write_text(f"killed rank {w.rank} at step {step}\n")
         os._exit(1)
 
 
@@ -297,8 +351,10 @@ def stage_meta(cfg: Config, task, stage: Stage) -> TaskMeta:
     steps = math.ceil(batches / t.grad_accum)
     if t.max_steps_per_epoch:
         steps = min(steps, t.max_steps_per_epoch)
+    ids = task.splits["train"]["id"].to_numpy().astype("float64")
     return TaskMeta(kind, task.num_labels, task.label_names, label_ids, metric_names(task.task, task.num_labels),
-                    batches, steps, tok.pad_token_id if tok.pad_token_id is not None else 0)
+                    batches, steps, tok.pad_token_id if tok.pad_token_id is not None else 0,
+                    [float(len(ids)), float(ids.sum()), float((ids ** 2).sum())])
 
 
 def fit_stage(cfg: Config, task, stage: Stage, show_progress: bool = True):

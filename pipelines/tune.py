@@ -1,0 +1,182 @@
+"""`sinkd tune CONFIG SPACE`: Ray Tune over distillation runs (the Ray Train V2 pattern for Tune).
+
+The teacher is fine-tuned once (if needed) before any trial; each trial is then a function that
+applies its sampled values to the job config and fits one TorchTrainer, whose per-epoch reports
+reach Tune through TuneReportCallback so that ASHA can stop weak trials early. A failed trial does
+not stop the others; rerunning the same command resumes an interrupted tuning run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import yaml
+
+from .config import Config, ConfigError, apply_override
+from .tune_space import SpaceError, TuneSpace
+
+EXPERIMENT = "tune"
+
+
+def set_key(raw: dict, key: str, value) -> None:
+    """Apply one sampled value with the same rules as `--set key=value`."""
+    apply_override(raw, f"{key}={json.dumps(value)}")
+
+
+def check_space_against_config(raw: dict, space: TuneSpace) -> None:
+    """Every space key must be a valid config key for every value it can take: sample each
+    distribution (and every choice) into the config and validate, naming the space key on error."""
+    for key, dist in space.space.items():
+        values = list(dist.args) if dist.kind in ("choice", "grid") else list(dist.args[:1])
+        for value in values:
+            trial = copy.deepcopy(raw)
+            try:
+                set_key(trial, key, value)
+                Config.from_dict(trial)
+            except ConfigError as exc:
+                raise SpaceError(f"space.{key}: {value!r} is not valid for the job config ({exc})") from None
+
+
+def _trial(params: dict, base_raw: dict, task, teacher_dir: str) -> None:
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .train import Stage, fit_stage
+
+    raw = copy.deepcopy(base_raw)
+    for key, value in params.items():
+        set_key(raw, key, value)
+    raw["run_dir"] = tune.get_context().get_trial_dir()
+    cfg = Config.from_dict(raw)
+    stage = Stage(cfg.name, teacher_dir, dict(cfg.objective), cfg.train)
+    fit_stage(cfg, task, stage, show_progress=False, callbacks=[TuneReportCallback()])
+
+
+def run_tune(cfg: Config, raw: dict, space: TuneSpace) -> dict:
+    """Prepare the teacher, run (or resume) the trials, write the table, best config and plots."""
+    from ray import tune
+
+    from .job import plan_job, prepare_run_dir, prepare_teacher, ray_session
+
+    check_space_against_config(raw, space)
+    plan = plan_job(cfg)
+    prepare_run_dir(cfg, raw)
+    out_dir = Path(cfg.run_dir).resolve()
+    with ray_session(cfg):
+        teacher_dir = prepare_teacher(plan)
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, base_raw=raw, task=plan.task, teacher_dir=teacher_dir),
+            {k.upper() if k in ("cpu", "gpu") else k: v for k, v in space.trial_resources.items()},
+        )
+        path = out_dir / EXPERIMENT
+        if tune.Tuner.can_restore(path):
+            tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True,
+                                       param_space=space.param_space())
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=space.param_space(),
+                tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=space.num_samples,
+                                            max_concurrent_trials=space.max_concurrent_trials,
+                                            scheduler=space.make_scheduler(), search_alg=space.make_search_alg()),
+                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out_dir), verbose=0),
+            )
+        grid = tuner.fit()
+    return write_outputs(grid, raw, space, out_dir)
+
+
+def write_outputs(grid, raw: dict, space: TuneSpace, out_dir: Path) -> dict:
+    """trials.json + a terminal table, best.yaml (ready for `sinkd train`), tune.png."""
+    keys = list(space.space)
+    trials = []
+    for result in grid:
+        metrics = result.metrics or {}
+        trials.append({
+            "trial": Path(result.path).name if result.path else "?",
+            "status": "ERROR" if result.error else "OK",
+            "iterations": metrics.get("training_iteration", 0),
+            space.metric: metrics.get(space.metric),
+            "params": {k: result.config.get(k) for k in keys},
+            "history": _history(result, space.metric),
+            "error": str(result.error).splitlines()[0] if result.error else None,
+        })
+    scored = [t for t in trials if t[space.metric] is not None]
+    if not scored:
+        raise RuntimeError(f"no trial reported {space.metric!r}; see {out_dir / EXPERIMENT}")
+    best = (max if space.mode == "max" else min)(scored, key=lambda t: t[space.metric])
+    best_raw = copy.deepcopy(raw)
+    for key, value in best["params"].items():
+        set_key(best_raw, key, value)
+    best_raw["run_dir"] = str(Path(raw.get("run_dir", "runs/sinkd")) / "best")
+    header = f"# Best of {len(trials)} trials by {space.metric} ({space.mode}) = {best[space.metric]:.4f}: {best['trial']}\n"
+    (out_dir / "best.yaml").write_text(header + yaml.safe_dump(best_raw, sort_keys=False))
+    (out_dir / "trials.json").write_text(json.dumps(trials, indent=1, default=str))
+    _plot(trials, space, out_dir / "tune.png")
+    table = format_table(trials, space, best)
+    (out_dir / "tune_summary.txt").write_text(table + "\n")
+    return {"trials": trials, "best": best, "table": table, "best_config": str(out_dir / "best.yaml"),
+            "plot": str(out_dir / "tune.png")}
+
+
+def _history(result, metric: str) -> list:
+    df = result.metrics_dataframe
+    if df is None or metric not in df or "training_iteration" not in df:
+        return []
+    return [[int(i), float(v)] for i, v in zip(df["training_iteration"], df[metric]) if v == v]
+
+
+def format_table(trials: list, space: TuneSpace, best: dict) -> str:
+    short = {k: k.split(".")[-1] if k.count(".") < 2 else ".".join(k.split(".")[-2:]) for k in space.space}
+    cols = ["trial", "status", "iters", space.metric] + list(short.values())
+    rows = []
+    for t in trials:
+        value = t[space.metric]
+        rows.append([t["trial"][-28:] + (" *" if t is best else ""), t["status"], str(t["iterations"]),
+                     "-" if value is None else f"{value:.4f}"] + [_fmt(t["params"][k]) for k in short])
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows] + ["* best"])
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _plot(trials: list, space: TuneSpace, path: Path) -> None:
+    """Left: the metric against eps (or the first numeric parameter) coloured by beta; right: the
+    metric over training iterations per trial, where ASHA's early stops show as short lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    numeric = [k for k in space.space if all(isinstance(t["params"][k], (int, float)) for t in trials)]
+    x_key = next((k for k in numeric if k.endswith("sinkhorn.eps")), numeric[0] if numeric else None)
+    c_key = next((k for k in numeric if k.endswith(".beta") and k != x_key), None)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    scored = [t for t in trials if t[space.metric] is not None]
+    if x_key:
+        xs = [t["params"][x_key] for t in scored]
+        colors = [t["params"][c_key] for t in scored] if c_key else None
+        points = left.scatter(xs, [t[space.metric] for t in scored], c=colors, cmap="viridis")
+        if x_key.endswith("eps"):
+            left.set_xscale("log")
+        if c_key:
+            fig.colorbar(points, ax=left, label=c_key)
+        left.set_xlabel(x_key)
+    left.set_ylabel(space.metric)
+    left.set_title(f"{space.metric} per trial")
+    for t in trials:
+        if t["history"]:
+            its, vals = zip(*t["history"])
+            right.plot(its, vals, marker="o", label=t["trial"][-8:])
+    right.set_xlabel("training iteration (epoch)")
+    right.set_ylabel(space.metric)
+    right.set_title("trials over time")
+    if len(trials) <= 12:
+        right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

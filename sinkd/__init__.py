@@ -10,10 +10,11 @@ from .divergences import DIVERGENCES, divergence, rowwise_divergence
 from .objective import DistillationObjective, ObjectiveConfig, ObjectiveOutput
 from .sinkhorn import SinkhornResult, sinkhorn
 from .sinkhorn_loss import SinkhornConfig, sinkhorn_loss
+from .topk import TopKDistribution, topk_l1_cost
 
 __all__ = [
     "COSTS", "DIVERGENCES", "ChunkedL1", "DistillationObjective", "ObjectiveConfig", "ObjectiveOutput",
     "SinkhornConfig", "SinkhornResult", "cost_matrix", "divergence", "l1_cost", "rowwise_divergence",
-    "sinkhorn", "sinkhorn_loss",
+    "sinkhorn", "sinkhorn_loss", "TopKDistribution", "topk_l1_cost",
 ]
 __version__ = "0.1.0"

@@ -25,6 +25,7 @@ from ._checks import (
 )
 from .costs import COSTS, L1_IMPLS, cost_matrix
 from .sinkhorn import GRAD_MODES, sinkhorn
+from .topk import TopKDistribution, topk_l1_cost
 
 MODES = ("batch", "sample")
 NORMALIZATIONS = ("uniform", "plain")
@@ -49,6 +50,7 @@ class SinkhornConfig:
     eps_decay: float = 0.5
     l1_impl: str = "auto"
     block_elements: int | None = None
+    topk: int | None = None  # sparse vocabulary: compare each pair on its top-k tokens plus a rest bucket
 
     def __post_init__(self):
         check_positive("sinkhorn.eps", self.eps)
@@ -70,6 +72,10 @@ class SinkhornConfig:
             raise ValueError("sinkhorn.grad: 'envelope' needs a cost that depends on the logits; mode 'sample' supports 'unrolled' only")
         if self.block_elements is not None:
             check_int_at_least("sinkhorn.block_elements", self.block_elements, 1)
+        if self.topk is not None:
+            check_int_at_least("sinkhorn.topk", self.topk, 1)
+            if self.cost != "l1" or self.mode != "batch":
+                raise ValueError("sinkhorn.topk: the sparse vocabulary works with cost 'l1' in mode 'batch' only")
 
     @classmethod
     def paper(cls, **overrides) -> "SinkhornConfig":
@@ -141,8 +147,11 @@ def _batch_wise(ps: torch.Tensor, pt: torch.Tensor, config: SinkhornConfig) -> t
 
 def _block_loss(xs: torch.Tensor, xt: torch.Tensor, config: SinkhornConfig) -> torch.Tensor:
     """Sum over blocks (B, G, V) of the block's sum(P * C), marginals uniform within the block or plain."""
-    l1_options = {"impl": config.l1_impl, "block_elements": config.block_elements} if config.cost == "l1" else {}
-    cost = cost_matrix(xs, xt, config.cost, **l1_options)
+    if config.topk is not None:
+        cost = torch.stack([topk_l1_cost(s, TopKDistribution.from_probs(t, config.topk), config.topk) for s, t in zip(xs, xt)])
+    else:
+        l1_options = {"impl": config.l1_impl, "block_elements": config.block_elements} if config.cost == "l1" else {}
+        cost = cost_matrix(xs, xt, config.cost, **l1_options)
     ones = None
     if config.normalization == "plain":
         ones = torch.ones(cost.shape[-1], dtype=cost.dtype, device=cost.device)

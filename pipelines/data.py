@@ -320,6 +320,23 @@ class PadCollate(ArrowBatchCollateFn):
         return out
 
 
+def ingest_config():
+    """Ray Train's dataset config: preserve_order makes each rank's rows and their order a function of
+    the data alone (a resumed run replays the same batches); the equal split never drops a real row
+    because to_ray pads to a multiple of the worker count."""
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    return DataConfig(execution_options=ExecutionOptions(preserve_order=True))
+
+
+def epoch_batches(shard, batch_size: int, pad_token_id: int, seed: int, epoch: int, shuffle_buffer: int = 0):
+    """A worker's batches for one epoch: local shuffle seeded by (seed, epoch), dynamic padding."""
+    return shard.iter_torch_batches(batch_size=batch_size, collate_fn=PadCollate(pad_token_id),
+                                    local_shuffle_buffer_size=shuffle_buffer or None,
+                                    local_shuffle_seed=seed * 1000 + epoch if shuffle_buffer else None)
+
+
 def batches_per_shard(rows: int, num_workers: int, batch_size: int) -> int:
     """Batches each worker gets from an equal split of `rows` (already padded to a multiple)."""
     return math.ceil(rows / num_workers / batch_size)

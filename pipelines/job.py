@@ -205,7 +205,7 @@ def summary(results: dict) -> str:
         train_s = "reused" if info.get("reused") else "given" if info.get("given") else f"{info.get('train_s', 0):.0f}"
         eps = info.get("examples_per_s")
         lines.append(f"{name:<10} {info.get('layers') or '?':>6} {info.get('params', 0) / 1e6:>7.1f}M  {scores}"
-                     f"  {train_s:>8} {eps if eps is None else round(eps):>7}")
+                     f"  {train_s:>8} {'-' if eps is None else round(eps):>7}")
     lines += ["", f"wall time: {results.get('wall_s', 0):.0f} s",
               f"models: {Path(results['run_dir']) / 'models'}",
               f"TensorBoard: tensorboard --logdir {Path(results['run_dir']) / 'tb'}"]

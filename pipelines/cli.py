@@ -3,6 +3,7 @@
     sinkd train [CONFIG.yaml] [--set key=value ...]
     sinkd eval [CONFIG.yaml] [--model DIR ...] [--split test|validation]
     sinkd export [CONFIG.yaml] [--stage NAME] [--out DIR]
+    sinkd tune CONFIG.yaml SPACE.yaml [--set key=value ...]
 
 User errors (config, data rows, files) print one line naming the key, file or row, and exit 2.
 """
@@ -38,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     common(x)
     x.add_argument("--stage", help="stage name (default: the config's name)")
     x.add_argument("--out", help="output directory (default: RUN_DIR/models/STAGE)")
+    u = sub.add_parser("tune", help="Ray Tune over distillation runs (search space from tune_spaces/*.yaml)")
+    u.add_argument("config", help="job YAML: the base of every trial")
+    u.add_argument("space", help="search space YAML, e.g. tune_spaces/sinkd_classification.yaml")
+    u.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key of the base job (repeatable)")
     return p
 
 
@@ -54,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet()
     from .config import ConfigError, load_config
+    from .tune_space import SpaceError
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -62,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             return _train(cfg, raw, args)
         if args.command == "eval":
             return _eval(cfg, args)
+        if args.command == "tune":
+            return _tune(cfg, raw, args)
         return _export(cfg, args)
-    except ConfigError as e:
+    except (ConfigError, SpaceError) as e:
         print(f"sinkd: error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
@@ -94,6 +103,18 @@ def _train(cfg, raw, args) -> int:
     results = run_job(cfg, raw, show_progress=not args.no_progress, plan=plan)
     print()
     print(Path(results["run_dir"], "summary.txt").read_text(), end="")
+    return 0
+
+
+def _tune(cfg, raw, args) -> int:
+    from .tune import run_tune
+    from .tune_space import load_space
+
+    out = run_tune(cfg, raw, load_space(args.space))
+    print()
+    print(out["table"])
+    print(f"best config: {out['best_config']}  (rerun: sinkd train {out['best_config']})")
+    print(f"plot: {out['plot']}")
     return 0
 
 

@@ -206,6 +206,10 @@ def load_task(config: Config, num_workers: int | None = None) -> Task:
                 num_labels = max(int(pa.compute.max(table["label"]).as_py()) + 1, 2)
     splits = _carve(splits, cfg, config.seed, notes)
     splits = _subsample(splits, cfg, config.seed)
+    # Files are often sorted (by label, source...): a seeded global shuffle of the train rows, so every
+    # worker's shard and every batch mixes the classes; Ray Data's local shuffle reorders each epoch.
+    train = splits["train"]
+    splits["train"] = train.take(np.random.default_rng(config.seed).permutation(train.num_rows))
     for split, table in splits.items():
         if table.num_rows == 0:
             raise DataError(f"data: split {split} is empty")

@@ -126,11 +126,39 @@ def ray_session(cfg: Config):
         ray.shutdown()
 
 
+def _run_stage(plan: Plan, stage, show_progress: bool) -> dict:
+    """Train and export one stage, or reuse it when an earlier run finished it with the same settings."""
+    from .export import export_checkpoint
+    from .train import fit_stage
+
+    cfg = plan.cfg
+    out = Path(cfg.run_dir) / "models" / stage.name
+    info = {"path": str(out)}
+    fp = _fingerprint_file(cfg, stage.name)
+    if (out / TASK_FILE).is_file() and fp.is_file():
+        return {**info, "reused": True}
+    fp.parent.mkdir(parents=True, exist_ok=True)
+    fp.write_text(json.dumps(_stage_fingerprint(plan, stage.name), indent=1))
+    tick = time.time()
+    result = fit_stage(cfg, plan.task, stage, show_progress=show_progress)
+    export_checkpoint(result.checkpoint.path, out)
+    return {**info, "train_s": round(time.time() - tick, 1), "examples_per_s": result.metrics.get("train_examples_per_s"),
+            "val": {k[4:]: v for k, v in result.metrics.items() if k.startswith("val_")}}
+
+
+def prepare_teacher(plan: Plan, show_progress: bool = True) -> str:
+    """The task-tuned teacher's directory: fine-tuned here (CE only) if the plan says so. Needs Ray."""
+    from .train import Stage
+
+    if plan.finetune:
+        _run_stage(plan, Stage(TEACHER, plan.cfg.teacher.path, None, _teacher_train(plan.cfg)), show_progress)
+    return plan.teacher_dir
+
+
 def run_job(cfg: Config, raw: dict, show_progress: bool = True, plan: Plan | None = None) -> dict:
     """The whole job; returns the results written to run_dir/results.json."""
     from .evaluate import evaluate_model, metric_names
-    from .export import export_checkpoint
-    from .train import Stage, fit_stage
+    from .train import Stage
 
     plan = plan or plan_job(cfg)
     prepare_run_dir(cfg, raw)
@@ -139,29 +167,15 @@ def run_job(cfg: Config, raw: dict, show_progress: bool = True, plan: Plan | Non
                "metrics": metric_names(task.task, task.num_labels), "notes": task.notes, "models": {}}
     started = time.time()
     with ray_session(cfg):
-        stages = []
+        models = results["models"]
         if plan.finetune:
-            stages.append(Stage(TEACHER, cfg.teacher.path, None, _teacher_train(cfg)))
-        stages += [Stage(name, plan.teacher_dir, objective, cfg.train) for name, objective in plan.students.items()]
-        for stage in stages:
-            out = run_dir / "models" / stage.name
-            info = results["models"].setdefault(stage.name, {"path": str(out)})
-            fp = _fingerprint_file(cfg, stage.name)
-            if (out / TASK_FILE).is_file() and fp.is_file():
-                info["reused"] = True  # finished in an earlier run with the same settings
-                continue
-            fp.parent.mkdir(parents=True, exist_ok=True)
-            fp.write_text(json.dumps(_stage_fingerprint(plan, stage.name), indent=1))
-            tick = time.time()
-            result = fit_stage(cfg, task, stage, show_progress=show_progress)
-            export_checkpoint(result.checkpoint.path, out)
-            info.update(train_s=round(time.time() - tick, 1),
-                        examples_per_s=result.metrics.get("train_examples_per_s"),
-                        val={k[4:]: v for k, v in result.metrics.items() if k.startswith("val_")})
-        if not plan.finetune:
-            results["models"] = {TEACHER: {"path": plan.teacher_dir, "given": True}, **results["models"]}
+            models[TEACHER] = _run_stage(plan, Stage(TEACHER, cfg.teacher.path, None, _teacher_train(cfg)), show_progress)
+        else:
+            models[TEACHER] = {"path": plan.teacher_dir, "given": True}
+        for name, objective in plan.students.items():
+            models[name] = _run_stage(plan, Stage(name, plan.teacher_dir, objective, cfg.train), show_progress)
         cpus = max(1.0, cfg.scaling.cpus_per_worker * cfg.scaling.num_workers)
-        for name, info in results["models"].items():
+        for info in models.values():
             info["test"] = evaluate_model(info["path"], task.splits["test"], results["metrics"], cfg.data.max_length,
                                           cfg.train.eval_batch_size, cpus)
             info["layers"], info["params"] = _size(info["path"])

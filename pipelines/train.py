@@ -357,8 +357,9 @@ def stage_meta(cfg: Config, task, stage: Stage) -> TaskMeta:
                     [float(len(ids)), float(ids.sum()), float((ids ** 2).sum())])
 
 
-def fit_stage(cfg: Config, task, stage: Stage, show_progress: bool = True):
-    """Run one stage with Ray Train; returns the ray.train.Result (checkpoint = the final epoch's)."""
+def fit_stage(cfg: Config, task, stage: Stage, show_progress: bool = True, callbacks: list | None = None):
+    """Run one stage with Ray Train; returns the ray.train.Result (checkpoint = the final epoch's).
+    callbacks: Ray Train UserCallbacks (Tune's TuneReportCallback when a trial runs this stage)."""
     import ray
     from ray.data import DataContext
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -382,6 +383,7 @@ def fit_stage(cfg: Config, task, stage: Stage, show_progress: bool = True):
         run_config=RunConfig(name=stage.name, storage_path=str(Path(cfg.run_dir) / "ray"),
                              failure_config=FailureConfig(max_failures=s.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                             callbacks=callbacks,
                              worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if s.use_gpu else "cpu",
                                                               "TOKENIZERS_PARALLELISM": "false"}}),
         datasets=datasets,

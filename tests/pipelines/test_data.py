@@ -162,3 +162,14 @@ def test_padding_and_collate():
     assert out["token_type_ids"].tolist() == [[0, 0, 1, 1], [0, 0, 0, 0]]
     assert out["ids"].tolist() == [3, PAD_ID] and out["labels"].tolist() == [1, 0]
     np.testing.assert_array_equal(PadCollate(0)(table.slice(1))["input_ids"].numpy(), [[101, 102]])
+
+
+def test_label_sorted_file_is_shuffled_once_for_training(tmp_path, tiny_bert):
+    """Files sorted by label would give one-class batches and one-class worker shards."""
+    rows = [f"negative sentence {i}\t0" for i in range(50)] + [f"positive sentence {i}\t1" for i in range(50)]
+    task = load_task(_cfg(tmp_path, tiny_bert, {"train": _tsv(tmp_path / "train.tsv", rows)}))
+    labels = task.splits["train"]["label"].to_pylist()
+    assert 0 in labels[:10] and 1 in labels[:10]
+    half = len(labels) // 2
+    assert 0.25 < sum(labels[:half]) / half < 0.75  # each worker's half of an equal split mixes the classes
+    assert load_task(_cfg(tmp_path, tiny_bert, {"train": str(tmp_path / "train.tsv")})).splits["train"].equals(task.splits["train"])

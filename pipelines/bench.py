@@ -1,0 +1,118 @@
+"""Throughput of the pipeline vs the same training loop without Ray, on the same data.
+
+    python -m pipelines.bench [CONFIG.yaml] [--set key=value ...] [--examples 512] [--workers 1 2]
+
+Both sides distil the config's student from its teacher with its objective, batch size and
+sequence length, over the same first N training rows, one epoch:
+- bare: one process, plain PyTorch (torch.optim.AdamW), tokenising each batch with dynamic padding,
+  using every CPU the pipeline would use;
+- pipeline: Ray Data -> TorchTrainer -> DeepSpeed, for each worker count; `loop` is the epoch
+  loop alone (as the worker measures it), `fit` includes worker start-up and DeepSpeed init.
+Prints one JSON object (examples/s); --out also writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def bare_loop(cfg, task, teacher_dir: str, threads: int) -> dict:
+    from sinkd import DistillationObjective
+
+    from .config import objective_config
+    from .data import load_tokenizer
+    from .models import Classifier, build_student, build_teacher, model_kind
+
+    torch.set_num_threads(threads)
+    kind = model_kind(teacher_dir)
+    torch.manual_seed(cfg.seed)
+    student = Classifier(build_student(cfg, teacher_dir, kind, task.num_labels, task.label_names), kind).train()
+    teacher = Classifier(build_teacher(teacher_dir, kind, task.num_labels, task.label_names, None), kind)
+    objective = DistillationObjective(objective_config(cfg.objective))
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    tok = load_tokenizer(teacher_dir)
+    rows = task.splits["train"].to_pylist()
+    bs = cfg.train.batch_size * cfg.scaling.num_workers  # the pipeline's global batch
+    start = time.perf_counter()
+    for i in range(0, len(rows), bs):
+        batch = rows[i:i + bs]
+        enc = tok([r["text_a"] for r in batch], [r["text_b"] for r in batch] if task.pair else None, truncation=True,
+                  max_length=cfg.data.max_length, padding=True, return_tensors="pt")
+        inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+        labels = torch.tensor([r["label"] for r in batch])
+        with torch.no_grad():
+            t_logits = teacher(**inputs)
+        loss = objective(student(**inputs), t_logits, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.max_grad_norm)
+        opt.step()
+        opt.zero_grad()
+    elapsed = time.perf_counter() - start
+    return {"examples": len(rows), "threads": threads, "seconds": round(elapsed, 2),
+            "examples_per_s": round(len(rows) / elapsed, 2)}
+
+
+def pipeline_run(cfg, task, teacher_dir: str) -> dict:
+    from .train import Stage, fit_stage
+
+    start = time.perf_counter()
+    result = fit_stage(cfg, task, Stage("bench", teacher_dir, dict(cfg.objective), cfg.train), show_progress=False)
+    fit_s = time.perf_counter() - start
+    n = task.splits["train"].num_rows
+    return {"examples": n, "workers": cfg.scaling.num_workers, "cpus_per_worker": cfg.scaling.cpus_per_worker,
+            "zero_stage": cfg.train.zero_stage, "loop_examples_per_s": round(result.metrics["train_examples_per_s"], 2),
+            "fit_seconds": round(fit_s, 2), "fit_examples_per_s": round(n / fit_s, 2)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import ray
+
+    from .config import load_config
+    from .data import load_task
+
+    p = argparse.ArgumentParser(prog="python -m pipelines.bench", description=__doc__.splitlines()[0])
+    p.add_argument("config", nargs="?")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--examples", type=int, default=512)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs for each side (bare threads; workers share them)")
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    base = load_config(args.config, args.overrides + ["train.epochs=1", "train.checkpoint_every_steps=null",
+                                                      f"data.max_train_examples={args.examples}"])
+    task = load_task(base)
+    teacher_dir = base.teacher.path  # throughput does not depend on the teacher being task-tuned
+    out = {"host": platform.node(), "cpu_count": os.cpu_count(), "torch": torch.__version__, "config": args.config or "default",
+           "examples": task.splits["train"].num_rows, "max_length": base.data.max_length,
+           "batch_size_global": base.train.batch_size * base.scaling.num_workers,
+           "bare": bare_loop(base, task, teacher_dir, args.cpus), "pipeline": []}
+    ray.init(num_cpus=args.cpus + 1, object_store_memory=512 * 2**20)
+    try:
+        for workers in args.workers:
+            cfg = copy.deepcopy(base)
+            cfg.scaling.num_workers, cfg.scaling.cpus_per_worker = workers, args.cpus / workers
+            cfg.train.batch_size = base.train.batch_size * base.scaling.num_workers // workers  # same global batch
+            cfg.run_dir = os.path.join(base.run_dir, f"bench-{workers}w-{int(time.time())}")
+            out["pipeline"].append(pipeline_run(cfg, task, teacher_dir))
+    finally:
+        ray.shutdown()
+    for row in out["pipeline"]:
+        row["loop_vs_bare"] = round(row["loop_examples_per_s"] / out["bare"]["examples_per_s"], 3)
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -107,10 +107,14 @@ def _train(cfg, raw, args) -> int:
 
 
 def _tune(cfg, raw, args) -> int:
-    from .tune import run_tune
+    from .tune import TuneInterrupted, run_tune
     from .tune_space import load_space
 
-    out = run_tune(cfg, raw, load_space(args.space))
+    try:
+        out = run_tune(cfg, raw, load_space(args.space))
+    except TuneInterrupted as e:
+        print(f"sinkd: {e}", file=sys.stderr)
+        return 130
     print()
     print(out["table"])
     print(f"best config: {out['best_config']}  (rerun: sinkd train {out['best_config']})")

@@ -20,6 +20,10 @@ from .tune_space import SpaceError, TuneSpace
 EXPERIMENT = "tune"
 
 
+class TuneInterrupted(RuntimeError):
+    """The tuning run stopped early (Ctrl-C, a lost driver); its state is saved for a resume."""
+
+
 def set_key(raw: dict, key: str, value) -> None:
     """Apply one sampled value with the same rules as `--set key=value`."""
     apply_override(raw, f"{key}={json.dumps(value)}")
@@ -84,6 +88,10 @@ def run_tune(cfg: Config, raw: dict, space: TuneSpace) -> dict:
                 run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out_dir), verbose=0),
             )
         grid = tuner.fit()
+    finished = grid.num_terminated + grid.num_errors
+    if finished < space.num_trials():
+        raise TuneInterrupted(f"tuning stopped after {finished} of {space.num_trials()} trials; "
+                              f"rerun the same command to resume ({out_dir / EXPERIMENT})")
     return write_outputs(grid, raw, space, out_dir)
 
 
@@ -159,8 +167,8 @@ def _plot(trials: list, space: TuneSpace, path: Path) -> None:
     scored = [t for t in trials if t[space.metric] is not None]
     if x_key:
         xs = [t["params"][x_key] for t in scored]
-        colors = [t["params"][c_key] for t in scored] if c_key else None
-        points = left.scatter(xs, [t[space.metric] for t in scored], c=colors, cmap="viridis")
+        color = {"c": [t["params"][c_key] for t in scored], "cmap": "viridis"} if c_key else {}
+        points = left.scatter(xs, [t[space.metric] for t in scored], **color)
         if x_key.endswith("eps"):
             left.set_xscale("log")
         if c_key:

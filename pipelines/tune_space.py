@@ -58,10 +58,17 @@ class TuneSpace:
     space: dict[str, Distribution]
     num_samples: int = 8
     max_concurrent_trials: int = 1
-    trial_resources: dict = field(default_factory=lambda: {"cpu": 0})
+    trial_resources: dict = field(default_factory=lambda: {"cpu": 0.01})  # the trial driver only waits on its trainer
     algorithm: str = "random"
     seed: int | None = 0
     scheduler: Scheduler | None = field(default_factory=Scheduler)
+
+    def num_trials(self) -> int:
+        """Trials Tune will run: num_samples times the size of every grid."""
+        total = self.num_samples
+        for dist in self.space.values():
+            total *= len(dist.args) if dist.kind == "grid" else 1
+        return total
 
     def param_space(self) -> dict:
         """Tune domains keyed by dotted config path (the trial applies them as --set overrides)."""
@@ -114,9 +121,11 @@ def parse_space(raw: Any) -> TuneSpace:
         raise SpaceError(f"mode: must be 'min' or 'max', got {raw['mode']!r}")
     num_samples = _int(raw.get("num_samples", 8), "num_samples", 1)
     concurrency = _int(raw.get("max_concurrent_trials", 1), "max_concurrent_trials", 1)
-    resources = raw.get("trial_resources", {"cpu": 0})
+    resources = raw.get("trial_resources", {"cpu": 0.01})
     if not isinstance(resources, dict) or any(not isinstance(v, (int, float)) or v < 0 for v in resources.values()):
         raise SpaceError(f"trial_resources: must map resource names to numbers >= 0, got {resources!r}")
+    if not any(v > 0 for v in resources.values()):
+        raise SpaceError("trial_resources: needs one resource > 0 (Ray cannot place an empty request); e.g. {cpu: 0.01}")
 
     search = raw.get("search") or {}
     _no_unknown(search, SEARCH_KEYS, "search.")

@@ -36,6 +36,7 @@ def test_distributions_map_to_their_tune_domains():
     assert (p["c"].lower, p["c"].upper) == (5, 50)
     assert p["d"].categories == ["kl", "js"]
     assert p["e"] == {"grid_search": [1, 2, 3]}
+    assert space.num_trials() == 3 * space.num_samples
     assert (p["f"].lower, p["f"].upper) == (1e-5, 1e-3)  # YAML reads 1e-5 as a string
 
 
@@ -58,6 +59,7 @@ def test_distributions_map_to_their_tune_domains():
         ({"scheduler": {"patience": 1}}, "scheduler.patience: unknown key"),
         ({"search": {"algorithm": "bohb"}}, "search.algorithm: unknown value 'bohb'; valid: random, optuna"),
         ({"trial_resources": {"cpu": -1}}, "trial_resources: must map resource names to numbers >= 0"),
+        ({"trial_resources": {"cpu": 0}}, "trial_resources: needs one resource > 0"),
     ],
 )
 def test_invalid_spaces_are_rejected_naming_the_key(change, message):

@@ -7,7 +7,10 @@ AutoModelForSeq2SeqLM (T5 family; sinkd_task.json keeps the label token ids).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,9 +37,11 @@ def latest_checkpoint(stage_dir: str | Path) -> Path:
 def consolidated_state_dict(checkpoint_dir: Path) -> dict:
     ds_dir = checkpoint_dir / DS_TAG
     if any(ds_dir.glob("*optim_states.pt")) and any(ds_dir.glob("zero_pp_rank_*")):
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DS_TAG)
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress prints are not for our users
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DS_TAG)
     else:  # ZeRO stage 0: the module's weights are whole in the model-states file
         state = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     # The DeepSpeed module is pipelines.models.Classifier: strip its "model." prefix.

@@ -112,6 +112,11 @@ def ray_session(cfg: Config):
     """Join the running Ray (tests, notebooks), a cluster (ray.address), or start a local one."""
     import ray
 
+    import logging
+
+    import ray.data  # noqa: F401  (Ray Data sets its loggers' levels on import; ours come after)
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset execution plans: not for users
     if ray.is_initialized():
         yield
         return

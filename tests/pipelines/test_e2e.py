@@ -159,14 +159,30 @@ def test_zero3_t5_family_end_to_end(ray_session, tmp_path, tiny_t5, sst2_small):
 
 
 def test_real_minilm_teacher_on_sst2(ray_session, tmp_path, minilm, sst2_small):
-    """The real pretrained teacher: fine-tuned first (it has no task head), then a 3-layer student."""
+    """The real pretrained teacher: fine-tuned first (it has no task head; ZeRO-1), then a 3-layer
+    student (ZeRO-0: DeepSpeed without partitioning, whose checkpoint export differs)."""
     raw = tiny_job(tmp_path / "run", minilm, sst2_small, **{
         "data.max_train_examples": 320, "data.max_eval_examples": 64,
-        "teacher.finetune": "auto", "teacher.train": {"epochs": 2, "lr": 3e-4},
+        "teacher.finetune": "auto", "teacher.train": {"epochs": 2, "lr": 3e-4, "zero_stage": 1},
         "student.layers": [0, 2, 4], "train.epochs": 1, "train.batch_size": 16, "train.grad_accum": 1,
-        "train.lr": 1e-4, "train.checkpoint_every_steps": None})
+        "train.lr": 1e-4, "train.checkpoint_every_steps": None, "train.zero_stage": 0})
     results = _run(raw)
     teacher, student = results["models"]["teacher"], results["models"]["sinkd"]
     assert teacher["layers"] == 6 and student["layers"] == 3 and teacher["params"] > 2e7
     assert teacher["test"]["accuracy"] > 0.6, teacher  # fine-tuning worked: well above chance on real SST-2
     assert student["test"]["accuracy"] >= 0.5, student
+
+
+def test_export_command_and_check_flag(zero2, tmp_path, capsys):
+    """`sinkd export` rebuilds the same weights from the latest checkpoint; `--check` validates only."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    raw, results = zero2
+    cfg_path = _write(tmp_path / "job.yaml", raw)
+    assert main(["export", cfg_path, "--out", str(tmp_path / "exported")]) == 0
+    a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported").state_dict()
+    b = AutoModelForSequenceClassification.from_pretrained(results["models"]["sinkd"]["path"]).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["train", cfg_path, "--check"]) == 0
+    assert "ok: config and data valid" in capsys.readouterr().out

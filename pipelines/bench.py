@@ -7,7 +7,8 @@ sequence length, over the same first N training rows, one epoch:
 - bare: one process, plain PyTorch (torch.optim.AdamW), tokenising each batch with dynamic padding,
   using every CPU the pipeline would use;
 - pipeline: Ray Data -> TorchTrainer -> DeepSpeed, for each worker count; `loop` is the epoch
-  loop alone (as the worker measures it), `fit` includes worker start-up and DeepSpeed init.
+  loop (as the worker measures it), `steady` the same after the first optimizer step (without the
+  data pipeline's start-up), `fit` includes worker start-up and DeepSpeed init.
 Prints one JSON object (examples/s); --out also writes it.
 """
 
@@ -69,6 +70,7 @@ def pipeline_run(cfg, task, teacher_dir: str) -> dict:
     n = task.splits["train"].num_rows
     return {"examples": n, "workers": cfg.scaling.num_workers, "cpus_per_worker": cfg.scaling.cpus_per_worker,
             "zero_stage": cfg.train.zero_stage, "loop_examples_per_s": round(result.metrics["train_examples_per_s"], 2),
+            "steady_examples_per_s": round(result.metrics["train_steady_examples_per_s"], 2),
             "fit_seconds": round(fit_s, 2), "fit_examples_per_s": round(n / fit_s, 2)}
 
 
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         ray.shutdown()
     for row in out["pipeline"]:
         row["loop_vs_bare"] = round(row["loop_examples_per_s"] / out["bare"]["examples_per_s"], 3)
+        row["steady_vs_bare"] = round(row["steady_examples_per_s"] / out["bare"]["examples_per_s"], 3)
     text = json.dumps(out, indent=1)
     print(text)
     if args.out:

@@ -229,6 +229,7 @@ def _train_epoch(w: Worker, shard, epoch: int, state: State, progress) -> dict:
     window_terms, epoch_terms, steps, examples = [0.0] * 4, [0.0] * 4, 0, 0
     ids_seen = [0.0, 0.0, 0.0]  # count, sum, sum of squares of real ids: the exactly-once check
     micro, started = -1, time.perf_counter()
+    first_step = (started, 0)
     for micro, batch in enumerate(batches):
         real_ids = batch["ids"][batch["ids"] != PAD_ID].double()
         ids_seen = [ids_seen[0] + len(real_ids), ids_seen[1] + float(real_ids.sum()), ids_seen[2] + float((real_ids ** 2).sum())]
@@ -250,6 +251,8 @@ def _train_epoch(w: Worker, shard, epoch: int, state: State, progress) -> dict:
         state.step_in_epoch += 1
         state.loss_log.append([state.global_step, logged[0]])
         epoch_terms, steps = [a + b for a, b in zip(epoch_terms, logged)], steps + 1
+        if steps == 1:  # steady-state throughput leaves out the data pipeline's start-up
+            first_step = (time.perf_counter(), examples)
         if w.rank == 0 and progress is not None and state.global_step % t.log_every_steps == 0:
             progress.push.remote("train", state.global_step, {
                 **dict(zip(("loss", "ce", "kd", "sinkhorn"), logged)), "lr": float(w.engine.get_lr()[0]),
@@ -259,16 +262,18 @@ def _train_epoch(w: Worker, shard, epoch: int, state: State, progress) -> dict:
                 and state.step_in_epoch < meta.steps_per_epoch:
             _save_and_report(w, state, {"stage": w.stage.name, "epoch": epoch, "global_step": state.global_step,
                                         "train_loss": logged[0]})
-    elapsed = time.perf_counter() - started
+    now = time.perf_counter()
+    elapsed, steady = now - started, now - first_step[0]
     if micro + 1 != meta.batches_per_epoch:
         raise RuntimeError(f"rank {w.rank} got {micro + 1} batches in epoch {epoch}, expected {meta.batches_per_epoch}")
-    totals = w.all_sum(ids_seen + [examples, elapsed])
+    totals = w.all_sum(ids_seen + [examples, elapsed, examples - first_step[1], steady])
     if totals[:3] != meta.train_ids:
         raise RuntimeError(f"epoch {epoch}: the workers saw {int(totals[0])} training rows, not each of the "
                            f"{int(meta.train_ids[0])} exactly once (id checksum mismatch)")
     means = [v / max(steps, 1) for v in epoch_terms]
     return {"train_loss": means[0], "train_ce": means[1], "train_kd": means[2], "train_sinkhorn": means[3],
-            "train_examples": int(totals[3]), "train_examples_per_s": totals[3] / max(totals[4] / w.world, 1e-9)}
+            "train_examples": int(totals[3]), "train_examples_per_s": totals[3] / max(totals[4] / w.world, 1e-9),
+            "train_steady_examples_per_s": totals[5] / max(totals[6] / w.world, 1e-9)}
 
 
 def _save_and_report(w: Worker, state: State, metrics: dict) -> None:

@@ -98,7 +98,7 @@ class ScalingConfig:
 
 @dataclass
 class RayConfig:
-    address: Optional[str] = None  # None: start a local Ray; "auto": join a running cluster
+    address: Optional[str] = None  # None: $RAY_ADDRESS if set (ray job submit), else a new local Ray; "auto": the running cluster
     num_cpus: Optional[int] = None  # local Ray only (default: cores + 1, so Ray Data can run beside workers)
     object_store_memory_mb: Optional[int] = 512  # local Ray only
 

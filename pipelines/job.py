@@ -121,8 +121,12 @@ def ray_session(cfg: Config):
         yield
         return
     kwargs = {"address": cfg.ray.address, "log_to_driver": True}
-    if cfg.ray.address is None:
-        kwargs.update(num_cpus=cfg.ray.num_cpus or (os.cpu_count() or 1) + 1,
+    if cfg.ray.address is None and os.environ.get("RAY_ADDRESS"):
+        kwargs["address"] = os.environ["RAY_ADDRESS"]  # a `ray job submit` entrypoint: join its cluster
+    elif cfg.ray.address is None:
+        # "local": a fresh instance even when a `ray start` node runs on this machine (ray.init()
+        # would silently join the latest one).
+        kwargs.update(address="local", num_cpus=cfg.ray.num_cpus or (os.cpu_count() or 1) + 1,
                       object_store_memory=cfg.ray.object_store_memory_mb * 2**20 if cfg.ray.object_store_memory_mb else None)
     ray.init(**kwargs)
     try:

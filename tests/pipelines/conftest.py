@@ -36,7 +36,7 @@ def ray_session():
     import ray
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ray.init(num_cpus=3, object_store_memory=500 * 2**20, log_to_driver=True)
+    ray.init(address="local", num_cpus=3, object_store_memory=500 * 2**20, log_to_driver=True)
     try:
         yield ray
     finally:

@@ -12,6 +12,8 @@ import math
 import torch
 
 from ._checks import check_choice, check_logits, check_mask, check_open_unit, check_positive
+from .topk import TopKDistribution
+from .topk_teacher import bucketed_log_probs, check_topk_teacher
 
 DIVERGENCES = ("kl", "rkl", "js", "tvd", "skew_kl", "skew_rkl")
 REDUCTIONS = ("sum", "mean", "batchmean", "none")
@@ -47,7 +49,7 @@ def rowwise_divergence(log_ps: torch.Tensor, log_pt: torch.Tensor, name: str, sk
 
 def divergence(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | TopKDistribution,
     name: str = "kl",
     *,
     temperature: float = 1.0,
@@ -59,17 +61,23 @@ def divergence(
 
     mask: bool over rows, False rows (padding) contribute nothing. reduction: "sum" over rows,
     "batchmean" = sum / kept rows, "mean" = sum / (kept rows * V) like torch's kl_div, "none" = per row
-    (masked rows are 0).
+    (masked rows are 0). teacher_logits may be a TopKDistribution (top-k probabilities at T=1, ids,
+    rest mass per row, e.g. from a logit cache): both sides are then compared on the teacher's k ids
+    plus one rest bucket (exact when k = V; see sinkd.topk_teacher).
     """
     check_choice("divergence", name, DIVERGENCES)
     check_choice("reduction", reduction, REDUCTIONS)
     temperature = check_positive("temperature", temperature)
     if name.startswith("skew"):
         check_open_unit("skew_alpha", skew_alpha)
-    check_logits(student_logits, teacher_logits)
+    topk_teacher = isinstance(teacher_logits, TopKDistribution)
+    (check_topk_teacher if topk_teacher else check_logits)(student_logits, teacher_logits)
     flat_mask = check_mask(mask, student_logits.shape[:-1])
-    log_ps = torch.log_softmax(student_logits / temperature, dim=-1)
-    log_pt = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    if topk_teacher:
+        log_ps, log_pt = bucketed_log_probs(student_logits, teacher_logits, temperature)
+    else:
+        log_ps = torch.log_softmax(student_logits / temperature, dim=-1)
+        log_pt = torch.log_softmax(teacher_logits / temperature, dim=-1)
     per_row = rowwise_divergence(log_ps, log_pt, name, skew_alpha)
     if name == "kl":
         per_row = per_row * temperature**2

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from ._checks import check_choice, check_logits, check_nonnegative, check_open_unit, check_positive
 from .divergences import DIVERGENCES, REDUCTIONS, divergence
 from .sinkhorn_loss import SinkhornConfig, _dataclass_from_dict, sinkhorn_loss
+from .topk import TopKDistribution
+from .topk_teacher import check_topk_teacher
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,8 @@ class DistillationObjective:
     Logits are (N, V) for classification or (B, L, V) for tokens. The teacher is treated as frozen
     (its logits are detached). mask selects rows for the KD and Sinkhorn terms; when it is None and
     labels are given, rows whose label is ignore_index are left out (padding, prompt tokens).
+    The teacher may also be a TopKDistribution (a logit cache's top-k probabilities, ids and rest
+    mass per row): KD then compares top-k + rest buckets and Sinkhorn uses the sparse L1 cost.
     """
 
     def __init__(self, config: ObjectiveConfig | None = None):
@@ -83,8 +87,12 @@ class DistillationObjective:
 
     def __call__(self, student_logits, teacher_logits, labels=None, mask=None) -> ObjectiveOutput:
         cfg = self.config
-        check_logits(student_logits, teacher_logits)
-        teacher_logits = teacher_logits.detach()
+        if isinstance(teacher_logits, TopKDistribution):
+            check_topk_teacher(student_logits, teacher_logits)
+            teacher_logits = TopKDistribution(*(t.detach() for t in teacher_logits))
+        else:
+            check_logits(student_logits, teacher_logits)
+            teacher_logits = teacher_logits.detach()
         zero = student_logits.new_zeros(())
         if labels is not None:
             if tuple(labels.shape) != tuple(student_logits.shape[:-1]):

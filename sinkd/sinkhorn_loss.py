@@ -26,6 +26,7 @@ from ._checks import (
 from .costs import COSTS, L1_IMPLS, cost_matrix
 from .sinkhorn import GRAD_MODES, sinkhorn
 from .topk import TopKDistribution, topk_l1_cost
+from .topk_teacher import check_topk_teacher, select_rows, tempered_distribution, truncate
 
 MODES = ("batch", "sample")
 NORMALIZATIONS = ("uniform", "plain")
@@ -101,7 +102,7 @@ def _dataclass_from_dict(cls, values: dict, prefix: str):
 
 def sinkhorn_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | TopKDistribution,
     config: SinkhornConfig | None = None,
     *,
     mask: torch.Tensor | None = None,
@@ -111,17 +112,34 @@ def sinkhorn_loss(
 
     Options come from `config` (default SinkhornConfig()) with keyword overrides, e.g.
     ``sinkhorn_loss(zs, zt, eps=0.05, group_size=256)`` or ``sinkhorn_loss(zs, zt, SinkhornConfig.paper())``.
+    The teacher may be a TopKDistribution (top-k probabilities at T=1, ids, rest mass; e.g. read from a
+    logit cache): the cost is then the sparse L1 cost on the union of top-k supports plus a rest
+    bucket (`topk_l1_cost`), the student's k being `config.topk` or else the teacher's k.
     """
     config = dataclasses.replace(config or SinkhornConfig(), **overrides) if overrides else (config or SinkhornConfig())
-    check_logits(student_logits, teacher_logits)
+    topk_teacher = isinstance(teacher_logits, TopKDistribution)
+    if topk_teacher:
+        check_topk_teacher(student_logits, teacher_logits)
+        if config.mode != "batch" or config.cost != "l1":
+            raise ValueError("sinkhorn: a top-k teacher (logit cache) works with cost 'l1' in mode 'batch' only")
+    else:
+        check_logits(student_logits, teacher_logits)
     flat_mask = check_mask(mask, student_logits.shape[:-1])
     vocab = student_logits.shape[-1]
     zs = student_logits.reshape(-1, vocab)
+    if zs.shape[0] == 0 or (flat_mask is not None and not bool(flat_mask.any())):
+        return student_logits.sum() * 0.0  # nothing to distil; keeps the graph connected
+    if topk_teacher:
+        teacher = select_rows(teacher_logits, flat_mask)
+        zs = zs[flat_mask] if flat_mask is not None else zs
+        ps = torch.softmax(zs / config.temperature, dim=-1)
+        teacher = tempered_distribution(teacher, config.temperature, vocab, ps.dtype)
+        if config.topk is not None:
+            teacher = truncate(teacher, config.topk)
+        return _batch_wise(ps, teacher, config)
     zt = teacher_logits.reshape(-1, vocab)
     if flat_mask is not None:
         zs, zt = zs[flat_mask], zt[flat_mask]
-    if zs.shape[0] == 0:
-        return student_logits.sum() * 0.0  # nothing to distil; keeps the graph connected
     if config.mode == "sample":
         return _sample_wise(zs, zt, config)
     ps = torch.softmax(zs / config.temperature, dim=-1)
@@ -129,7 +147,14 @@ def sinkhorn_loss(
     return _batch_wise(ps, pt, config)
 
 
-def _batch_wise(ps: torch.Tensor, pt: torch.Tensor, config: SinkhornConfig) -> torch.Tensor:
+def _blocks_of(x, start: int, stop: int, size: int):
+    """Rows start:stop as (blocks, size, ...) for a dense tensor or each field of a TopKDistribution."""
+    if isinstance(x, TopKDistribution):
+        return TopKDistribution(*(_blocks_of(t, start, stop, size) for t in x))
+    return x[start:stop].reshape((stop - start) // size, size, *x.shape[1:])
+
+
+def _batch_wise(ps: torch.Tensor, pt, config: SinkhornConfig) -> torch.Tensor:
     n = ps.shape[0]
     group = n if config.group_size is None else min(config.group_size, n)
     full = (n // group) * group
@@ -139,15 +164,19 @@ def _batch_wise(ps: torch.Tensor, pt: torch.Tensor, config: SinkhornConfig) -> t
         if rows == 0:
             continue
         size = group if start == 0 else rows
-        xs = ps[start:stop].reshape(rows // size, size, -1)
-        xt = pt[start:stop].reshape(rows // size, size, -1)
+        xs = _blocks_of(ps, start, stop, size)
+        xt = _blocks_of(pt, start, stop, size)
         total = total + _block_loss(xs, xt, config) * (size / n if config.normalization == "uniform" else 1.0)
     return total
 
 
-def _block_loss(xs: torch.Tensor, xt: torch.Tensor, config: SinkhornConfig) -> torch.Tensor:
-    """Sum over blocks (B, G, V) of the block's sum(P * C), marginals uniform within the block or plain."""
-    if config.topk is not None:
+def _block_loss(xs: torch.Tensor, xt, config: SinkhornConfig) -> torch.Tensor:
+    """Sum over blocks (B, G, V) of the block's sum(P * C), marginals uniform within the block or plain.
+    xt: dense teacher probabilities (B, G, V), or a top-k teacher with fields (B, G, k) / (B, G)."""
+    if isinstance(xt, TopKDistribution):
+        k = config.topk or xt.ids.shape[-1]
+        cost = torch.stack([topk_l1_cost(s, TopKDistribution(*t), k) for s, t in zip(xs, zip(*xt))])
+    elif config.topk is not None:
         cost = torch.stack([topk_l1_cost(s, TopKDistribution.from_probs(t, config.topk), config.topk) for s, t in zip(xs, xt)])
     else:
         l1_options = {"impl": config.l1_impl, "block_elements": config.block_elements} if config.cost == "l1" else {}

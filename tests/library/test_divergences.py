@@ -98,3 +98,88 @@ def test_bad_inputs(args, kwargs, message):
     with pytest.raises(ValueError) as err:
         divergence(*args, **kwargs)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- top-k teacher (logit cache)
+
+
+def topk_teacher(zt, k):
+    """The reference top-k teacher in float64: kept probabilities, ids, and 1 - their sum as the rest."""
+    p = torch.softmax(zt, -1)
+    values, ids = p.topk(k, -1)
+    from sinkd import TopKDistribution
+
+    return TopKDistribution(values, ids, 1 - values.sum(-1))
+
+
+def bucketed_by_hand(zs, zt, k, T):
+    """Both sides on the teacher's k ids + one bucket; teacher at T with the rest spread evenly (loops)."""
+    V = zs.shape[-1]
+    p = torch.softmax(zt, -1)
+    ps_rows, pt_rows = [], []
+    for i in range(zs.shape[0]):
+        ids = p[i].topk(k).indices.tolist()
+        others = [v for v in range(V) if v not in ids]
+        teacher = torch.zeros(V)
+        teacher[ids] = p[i, ids] ** (1 / T)
+        if others:
+            teacher[others] = (p[i, others].sum() / len(others)) ** (1 / T)
+        teacher = teacher / teacher.sum()
+        student = torch.softmax(zs[i] / T, -1)
+        ps_rows.append(torch.cat([student[ids], student[others].sum().reshape(1)]))
+        pt_rows.append(torch.cat([teacher[ids], teacher[others].sum().reshape(1)]))
+    return torch.stack(ps_rows), torch.stack(pt_rows)
+
+
+@pytest.mark.parametrize("name", sorted(HAND))
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_topk_teacher_with_k_equal_v_is_the_full_divergence(name, temperature):
+    from sinkd.topk_teacher import teacher_topk
+
+    zs, zt = logits(20, 2, 4, 9).requires_grad_(), logits(21, 2, 4, 9)
+    mask = torch.tensor([[True, False, True, True], [False, True, True, True]])
+    dense = divergence(zs, zt, name, temperature=temperature, mask=mask, skew_alpha=0.3)
+    sparse = divergence(zs, teacher_topk(zt, 9), name, temperature=temperature, mask=mask, skew_alpha=0.3)
+    torch.testing.assert_close(sparse, dense, rtol=1e-12, atol=1e-14)
+    g_dense, = torch.autograd.grad(dense, zs)
+    g_sparse, = torch.autograd.grad(sparse, zs)
+    torch.testing.assert_close(g_sparse, g_dense, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", sorted(HAND))
+@pytest.mark.parametrize("k,temperature", [(1, 1.0), (3, 1.0), (3, 2.0), (6, 0.7)])
+def test_topk_teacher_matches_bucketed_hand_formula(name, k, temperature):
+    zs, zt = logits(22, 5, 9), logits(23, 5, 9)
+    ps, pt = bucketed_by_hand(zs, zt, k, temperature)
+    expected = HAND[name](ps, pt, temperature, 0.3)
+    got = divergence(zs, topk_teacher(zt, k), name, temperature=temperature, reduction="none", skew_alpha=0.3)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_topk_kl_is_a_lower_bound_that_tightens_with_k_and_stays_finite():
+    from sinkd.topk_teacher import teacher_topk
+
+    zs, zt = logits(24, 16, 50).requires_grad_(), 3 * logits(25, 16, 50)
+    full = divergence(zs, zt, "kl").item()
+    values = [divergence(zs, teacher_topk(zt, k), "kl").item() for k in (1, 5, 20, 50)]
+    assert all(a <= b + 1e-12 for a, b in zip(values, values[1:])) and values[-1] == pytest.approx(full, rel=1e-12)
+    assert values[2] == pytest.approx(full, rel=0.05)
+    zero_rest = teacher_topk(torch.tensor([[50.0, -50.0, -50.0]]), 1)  # rest underflows to exactly 0
+    out = divergence(torch.zeros(1, 3, requires_grad=True), zero_rest, "rkl")
+    out.backward()
+    assert math.isfinite(out.item())
+
+
+@pytest.mark.parametrize(
+    "teacher,message",
+    [
+        (lambda t: t._replace(ids=t.ids[:1]), "must cover the student's rows"),
+        (lambda t: t._replace(ids=t.ids + 10), "ids must be integer token ids in [0, 5)"),
+        (lambda t: t._replace(probs=-t.probs), "probs must be finite and >= 0"),
+        (lambda t: t._replace(rest=t.rest * float("nan")), "rest must be finite and >= 0"),
+    ],
+)
+def test_bad_topk_teacher_is_rejected_in_one_line(teacher, message):
+    with pytest.raises(ValueError) as err:
+        divergence(torch.zeros(3, 5), teacher(topk_teacher(logits(26, 3, 5), 2)))
+    assert message in str(err.value) and "\n" not in str(err.value)

@@ -75,3 +75,24 @@ def test_missing_labels_or_bad_label_shape_are_rejected():
         DistillationObjective()(zs, zt)
     with pytest.raises(ValueError, match="labels shape \\(3,\\) must equal the logits' row shape \\(4,\\)"):
         DistillationObjective()(zs, zt, labels=torch.zeros(3, dtype=torch.long))
+
+
+def test_topk_teacher_objective_equals_dense_at_k_equal_v_and_is_close_below():
+    """A logit cache's teacher (top-k + rest) gives the live-teacher objective exactly when k = V,
+    and within a few percent for a peaked teacher at k = V / 4 (the top-k approximation)."""
+    from sinkd.topk_teacher import teacher_topk
+
+    V = 64
+    zs, zt = logits(40, 3, 10, V).requires_grad_(), 4 * logits(41, 3, 10, V)
+    labels = torch.randint(0, V, (3, 10), generator=torch.Generator().manual_seed(2))
+    labels[0, :4] = -100  # prompt / padding tokens: out of every term
+    objective = DistillationObjective(ObjectiveConfig(alpha=1.0, beta=1.0, temperature=2.0,
+                                                      sinkhorn=SinkhornConfig.paper(group_size=8)))
+    dense = objective(zs, zt, labels=labels)
+    exact = objective(zs, teacher_topk(zt, V), labels=labels)
+    for name in ("loss", "kd", "sinkhorn"):
+        assert exact.as_dict()[name] == pytest.approx(dense.as_dict()[name], rel=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(exact.loss, zs)[0], torch.autograd.grad(dense.loss, zs)[0])
+    approx = objective(zs, teacher_topk(zt, V // 4), labels=labels)
+    assert approx.as_dict()["loss"] == pytest.approx(dense.as_dict()["loss"], rel=0.05)
+    assert approx.as_dict()["ce"] == dense.as_dict()["ce"]

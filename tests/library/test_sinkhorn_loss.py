@@ -150,3 +150,58 @@ def test_bad_logits_fail_before_any_work():
 def test_from_dict_names_unknown_keys():
     with pytest.raises(ValueError, match="sinkhorn.epsilon: unknown key; valid: "):
         SinkhornConfig.from_dict({"epsilon": 0.1})
+
+
+# ----------------------------------------------------------------------------- top-k teacher (logit cache)
+
+
+def test_topk_teacher_with_k_equal_v_is_the_dense_loss_with_groups_masks_and_gradients():
+    from sinkd.topk_teacher import teacher_topk
+
+    zs, zt = logits(30, 3, 7, 11).requires_grad_(), logits(31, 3, 7, 11)
+    mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(1)) > 0.3
+    for cfg in (SinkhornConfig(), SinkhornConfig.paper(group_size=4), SinkhornConfig(temperature=2.0, grad="envelope")):
+        dense = sinkhorn_loss(zs, zt, cfg, mask=mask)
+        sparse = sinkhorn_loss(zs, teacher_topk(zt, 11), cfg, mask=mask)
+        torch.testing.assert_close(sparse, dense, rtol=1e-10, atol=0)
+        torch.testing.assert_close(torch.autograd.grad(sparse, zs)[0], torch.autograd.grad(dense, zs)[0], rtol=1e-8, atol=1e-12)
+
+
+def test_topk_teacher_matches_pot_on_the_union_support_cost_by_hand():
+    """k < V at T=2: the teacher tempered by hand (rest spread evenly), the cost pair by pair on the union
+    of both top-k id sets plus a rest bucket, the plan by POT's log-domain Sinkhorn in float64."""
+    from sinkd import TopKDistribution
+
+    k, T, V, n = 3, 2.0, 8, 6
+    zs, zt = logits(32, n, V), logits(33, n, V)
+    p = torch.softmax(zt, -1)
+    top, ids = p.topk(k, -1)
+    teacher = TopKDistribution(top, ids, 1 - top.sum(-1))
+    ps = torch.softmax(zs / T, -1)
+    cost = np.zeros((n, n))
+    for j in range(n):
+        t_ids = ids[j].tolist()
+        others = [v for v in range(V) if v not in t_ids]
+        dense_t = torch.zeros(V)
+        dense_t[t_ids] = p[j, t_ids] ** (1 / T)
+        rest_t = len(others) * (p[j, others].sum() / len(others)) ** (1 / T)
+        norm = dense_t.sum() + rest_t
+        dense_t, rest_t = dense_t / norm, rest_t / norm
+        for i in range(n):
+            union = sorted(set(t_ids) | set(ps[i].topk(k).indices.tolist()))
+            cost[i, j] = float((ps[i, union] - dense_t[union]).abs().sum() + (1 - ps[i, union].sum() - rest_t).abs())
+    uniform = np.full(n, 1 / n)
+    plan = ot.sinkhorn(uniform, uniform, cost, 0.1, method="sinkhorn_log", stopThr=1e-13, numItermax=200_000)
+    ours = sinkhorn_loss(zs, teacher, SinkhornConfig(temperature=T, eps=0.1, max_iter=100_000, tol=1e-13))
+    assert ours.item() == pytest.approx(float((plan * cost).sum()), rel=1e-6)
+
+
+def test_topk_teacher_option_errors():
+    from sinkd.topk_teacher import teacher_topk
+
+    t = teacher_topk(torch.randn(4, 6), 2)
+    for overrides in ({"mode": "sample"}, {"cost": "l2"}):
+        with pytest.raises(ValueError, match="a top-k teacher \\(logit cache\\) works with cost 'l1' in mode 'batch' only"):
+            sinkhorn_loss(torch.zeros(4, 6), t, **overrides)
+    with pytest.raises(ValueError, match="exceeds the student's vocabulary"):
+        sinkhorn_loss(torch.zeros(4, 1), t)

@@ -4,6 +4,7 @@
     sinkd eval [CONFIG.yaml] [--model DIR ...] [--split test|validation]
     sinkd export [CONFIG.yaml] [--stage NAME] [--out DIR]
     sinkd tune CONFIG.yaml SPACE.yaml [--set key=value ...]
+    sinkd submit [--address URL] [--runtime-env FILE] [--follow] train|tune ARGS...
 
 User errors (config, data rows, files) print one line naming the key, file or row, and exit 2.
 """
@@ -44,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("space", help="search space YAML, e.g. tune_spaces/sinkd_classification.yaml")
     u.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key of the base job (repeatable)")
+    from .submit import add_parser
+
+    add_parser(sub)
     return p
 
 
@@ -63,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     from .tune_space import SpaceError
 
     try:
+        if args.command == "submit":
+            from .submit import run
+
+            return run(args)
         cfg = load_config(args.config, args.overrides)
         raw = _raw(args.config, args.overrides)
         if args.command == "train":
@@ -150,12 +158,13 @@ def _eval(cfg, args) -> int:
 
 
 def _export(cfg, args) -> int:
-    from .export import export_checkpoint, latest_checkpoint
+    from .config import storage_root
+    from .export import checkpoint_uri, export_checkpoint, stage_checkpoint
 
     stage = args.stage or cfg.name
-    checkpoint = latest_checkpoint(Path(cfg.run_dir) / "ray" / stage)
+    checkpoint = stage_checkpoint(f"{storage_root(cfg).rstrip('/')}/{stage}")  # RUN_DIR/ray or ray.storage_path
     out = export_checkpoint(checkpoint, args.out or Path(cfg.run_dir) / "models" / stage)
-    print(f"exported {checkpoint} -> {out}")
+    print(f"exported {checkpoint_uri(checkpoint)} -> {out}")
     return 0
 
 

@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -94,6 +95,7 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     max_failures: int = 1  # FailureConfig: worker-group restarts from the latest checkpoint
+    worker_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per worker, e.g. a node-type marker
 
 
 @dataclass
@@ -101,6 +103,7 @@ class RayConfig:
     address: Optional[str] = None  # None: $RAY_ADDRESS if set (ray job submit), else a new local Ray; "auto": the running cluster
     num_cpus: Optional[int] = None  # local Ray only (default: cores + 1, so Ray Data can run beside workers)
     object_store_memory_mb: Optional[int] = 512  # local Ray only
+    storage_path: Optional[str] = None  # checkpoints + Tune results: a shared dir or URI (s3://bucket/run); None: RUN_DIR/ray
 
 
 @dataclass
@@ -285,6 +288,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"teacher.train.{key}: unknown key (it overrides keys of train)")
     _build(TrainConfig, {**dataclasses.asdict(cfg.train), **cfg.teacher.train}, "teacher.train")
     _check_models(cfg)
+    _check_cluster(cfg)
     _resolve_paths(cfg)
 
 
@@ -297,6 +301,51 @@ def _resolve_paths(cfg: Config) -> None:
         cfg.data.load_from_disk = str(resolve_path(cfg.data.load_from_disk, "data.load_from_disk").resolve())
     cfg.data.files = {k: str(resolve_path(v, f"data.files.{k}").resolve()) for k, v in cfg.data.files.items()}
     cfg.run_dir = str(Path(cfg.run_dir).expanduser().resolve())
+    if cfg.ray.storage_path and "://" not in cfg.ray.storage_path:  # workers and the Tune driver use other cwds
+        cfg.ray.storage_path = str(Path(cfg.ray.storage_path).expanduser().resolve())
+
+
+# URI schemes Ray Train/Tune storage accepts, by the pyarrow.fs class that serves them.
+STORAGE_SCHEMES = {"s3": "S3FileSystem", "gs": "GcsFileSystem", "gcs": "GcsFileSystem", "hdfs": "HadoopFileSystem",
+                   "viewfs": "HadoopFileSystem", "abfs": "AzureFileSystem", "abfss": "AzureFileSystem",
+                   "file": "LocalFileSystem"}
+
+
+def _check_cluster(cfg: Config) -> None:
+    """ray.storage_path (a creatable local dir or a URI pyarrow.fs serves) and scaling.worker_resources."""
+    for name, amount in cfg.scaling.worker_resources.items():
+        if name in ("CPU", "GPU"):
+            raise ConfigError(f"scaling.worker_resources.{name}: set scaling.{name.lower()}s_per_worker instead")
+        if amount <= 0:
+            raise ConfigError(f"scaling.worker_resources.{name}: must be > 0, got {amount}")
+    value = cfg.ray.storage_path
+    if value is None:
+        return
+    if not value.strip():
+        raise ConfigError("ray.storage_path: must not be empty (leave it out for RUN_DIR/ray)")
+    if "://" in value:
+        import pyarrow.fs
+
+        scheme, _, rest = value.partition("://")
+        if scheme.lower() not in STORAGE_SCHEMES or not hasattr(pyarrow.fs, STORAGE_SCHEMES[scheme.lower()]):
+            known = sorted(k for k, v in STORAGE_SCHEMES.items() if hasattr(pyarrow.fs, v))
+            raise ConfigError(f"ray.storage_path: URI scheme '{scheme}' is not one pyarrow.fs serves ({', '.join(known)}): {value}")
+        if not rest.strip("/"):
+            raise ConfigError(f"ray.storage_path: {value} names no bucket or path")
+        if scheme.lower() != "file":
+            return
+        value = "/" + rest.lstrip("/")
+    path = Path(value).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"ray.storage_path: {path} exists and is not a directory")
+    parent = next(p for p in (path, *path.parents) if p.exists())  # the first existing ancestor
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"ray.storage_path: cannot create {path} ({parent} is not a writable directory)")
+
+
+def storage_root(cfg: Config) -> str:
+    """Where Ray Train and Tune persist this run (checkpoints, trial results): ray.storage_path or RUN_DIR/ray."""
+    return cfg.ray.storage_path or str(Path(cfg.run_dir) / "ray")
 
 
 def objective_config(values: dict, prefix: str = "objective"):

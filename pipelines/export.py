@@ -22,16 +22,25 @@ from .train import DS_TAG, META_DIR, STATE_FILE
 
 
 def latest_checkpoint(stage_dir: str | Path) -> Path:
-    """The newest checkpoint Ray Train recorded for a stage (run_dir/ray/<stage>)."""
-    from ray.train import Result
-
+    """The newest checkpoint Ray Train recorded for a stage in a local directory (RUN_DIR/ray/<stage>)."""
     stage_dir = Path(stage_dir)
     if not stage_dir.is_dir():
         raise FileNotFoundError(f"no training run at {stage_dir}")
-    result = Result.from_path(str(stage_dir))
+    return Path(stage_checkpoint(str(stage_dir)).path)
+
+
+def stage_checkpoint(stage_uri: str, filesystem=None):
+    """The newest ray.train.Checkpoint of a stage's run, local or remote (`<ray.storage_path>/<stage>`,
+    e.g. s3://bucket/run/sinkd); read it with `export_checkpoint`, which downloads it when remote."""
+    from ray.train import Result
+
+    try:
+        result = Result.from_path(stage_uri, storage_filesystem=filesystem)
+    except (FileNotFoundError, RuntimeError, OSError) as e:  # OSError: pyarrow's remote-storage errors
+        raise FileNotFoundError(f"no training run at {stage_uri} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if result.checkpoint is None:
-        raise FileNotFoundError(f"{stage_dir}: the run has no checkpoint yet")
-    return Path(result.checkpoint.path)
+        raise FileNotFoundError(f"{stage_uri}: the run has no checkpoint yet")
+    return result.checkpoint
 
 
 def consolidated_state_dict(checkpoint_dir: Path) -> dict:
@@ -48,11 +57,29 @@ def consolidated_state_dict(checkpoint_dir: Path) -> dict:
     return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
 
 
-def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write the checkpoint's student as a Hugging Face model; written beside, then moved into place,
-    so an interrupted export never leaves a half-written model where a complete one is expected."""
+def export_checkpoint(checkpoint, out_dir: str | Path) -> Path:
+    """Write a checkpoint's student (a local directory, or a ray.train.Checkpoint on any storage: it is
+    read through `as_directory`, a download when remote) as a Hugging Face model in out_dir."""
+    if isinstance(checkpoint, (str, Path)):
+        return _export_dir(Path(checkpoint), Path(out_dir), str(checkpoint))
+    with checkpoint.as_directory() as local:
+        return _export_dir(Path(local), Path(out_dir), checkpoint_uri(checkpoint))
+
+
+def checkpoint_uri(checkpoint) -> str:
+    """Where a checkpoint lives, as users would write it (s3://bucket/...; a plain path when local)."""
+    import pyarrow.fs
+
+    fs = checkpoint.filesystem
+    if fs is None or isinstance(fs, pyarrow.fs.LocalFileSystem):
+        return checkpoint.path
+    return f"{fs.type_name}://{checkpoint.path.lstrip('/')}"
+
+
+def _export_dir(checkpoint_dir: Path, out_dir: Path, source: str) -> Path:
+    """Written beside out_dir, then moved into place, so an interrupted export never leaves a
+    half-written model where a complete one is expected."""
     _quiet_transformers()
-    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     meta_dir = checkpoint_dir / META_DIR
     task = json.loads((meta_dir / TASK_FILE).read_text())
     from transformers import AutoConfig, AutoTokenizer
@@ -63,7 +90,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     tied = getattr(model, "_tied_weights_keys", None) or {}  # e.g. T5's lm_head -> shared embedding
     missing = [k for k in missing if k not in set(tied)]
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {checkpoint_dir} does not match the student: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(f"checkpoint {source} does not match the student: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +98,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(meta_dir).save_pretrained(tmp)
     state = json.loads((checkpoint_dir / STATE_FILE).read_text())
-    task.update(global_step=state["global_step"], epoch=state["epoch"], checkpoint=str(checkpoint_dir))
+    task.update(global_step=state["global_step"], epoch=state["epoch"], checkpoint=source)
     (tmp / TASK_FILE).write_text(json.dumps(task, indent=1))
     if out_dir.exists():
         shutil.rmtree(out_dir)

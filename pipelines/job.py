@@ -150,7 +150,7 @@ def _run_stage(plan: Plan, stage, show_progress: bool) -> dict:
     fp.write_text(json.dumps(_stage_fingerprint(plan, stage.name), indent=1))
     tick = time.time()
     result = fit_stage(cfg, plan.task, stage, show_progress=show_progress)
-    export_checkpoint(result.checkpoint.path, out)
+    export_checkpoint(result.checkpoint, out)  # through Ray's Checkpoint: remote storage too
     return {**info, "train_s": round(time.time() - tick, 1), "examples_per_s": result.metrics.get("train_examples_per_s"),
             "val": {k[4:]: v for k, v in result.metrics.items() if k.startswith("val_")}}
 

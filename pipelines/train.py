@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import Config, TrainConfig, _build, objective_config
+from .config import Config, TrainConfig, _build, objective_config, storage_root
 from .data import PAD_ID, PadCollate, batches_per_shard, epoch_batches, ingest_config, padded_rows, to_ray
 from .evaluate import compute_metrics, metric_names
 
@@ -377,7 +377,7 @@ def fit_stage(cfg: Config, task, stage: Stage, show_progress: bool = True, callb
     world, s, t = cfg.scaling.num_workers, cfg.scaling, stage.train
     datasets = {split: to_ray(task.splits[split], world, stage.model_path, cfg.data.max_length)
                 for split in ("train", "validation")}
-    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {}), **s.worker_resources}
     log = ProgressLog.remote()
     payload = {"config": cfg.to_dict(), "stage": {**dataclasses.asdict(stage)}, "meta": dataclasses.asdict(meta),
                "progress": log}
@@ -385,7 +385,7 @@ def fit_stage(cfg: Config, task, stage: Stage, show_progress: bool = True, callb
         train_loop_per_worker,
         train_loop_config=payload,
         scaling_config=ScalingConfig(num_workers=world, use_gpu=s.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=stage.name, storage_path=str(Path(cfg.run_dir) / "ray"),
+        run_config=RunConfig(name=stage.name, storage_path=storage_root(cfg),
                              failure_config=FailureConfig(max_failures=s.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
                              callbacks=callbacks,

@@ -54,6 +54,8 @@ def _trial(params: dict, base_raw: dict, task, teacher_dir: str) -> None:
         set_key(raw, key, value)
     raw["run_dir"] = tune.get_context().get_trial_dir()
     cfg = Config.from_dict(raw)
+    if cfg.ray.storage_path:  # shared storage: the trial's Train run beside its Tune results, <storage>/tune/<trial>/<stage>
+        cfg.ray.storage_path = f"{cfg.ray.storage_path.rstrip('/')}/{EXPERIMENT}/{Path(raw['run_dir']).name}"
     stage = Stage(cfg.name, teacher_dir, dict(cfg.objective), cfg.train)
     fit_stage(cfg, task, stage, show_progress=False, callbacks=[TuneReportCallback()])
 
@@ -74,7 +76,8 @@ def run_tune(cfg: Config, raw: dict, space: TuneSpace) -> dict:
             tune.with_parameters(_trial, base_raw=raw, task=plan.task, teacher_dir=teacher_dir),
             {k.upper() if k in ("cpu", "gpu") else k: v for k, v in space.trial_resources.items()},
         )
-        path = out_dir / EXPERIMENT
+        storage = (cfg.ray.storage_path or str(out_dir)).rstrip("/")  # shared storage (URI or dir) or RUN_DIR
+        path = f"{storage}/{EXPERIMENT}"
         if tune.Tuner.can_restore(path):
             tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True,
                                        param_space=space.param_space())
@@ -85,7 +88,7 @@ def run_tune(cfg: Config, raw: dict, space: TuneSpace) -> dict:
                 tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=space.num_samples,
                                             max_concurrent_trials=space.max_concurrent_trials,
                                             scheduler=space.make_scheduler(), search_alg=space.make_search_alg()),
-                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out_dir), verbose=0),
+                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage, verbose=0),
             )
         grid = tuner.fit()
     finished = grid.num_terminated + grid.num_errors

@@ -1,7 +1,9 @@
 """Cost matrices between two sets of rows, chosen by name.
 
-The L1 cost (the paper's) goes through :class:`ChunkedL1`, whose backward is tiled over rows and
-vocabulary so that memory stays O(N*V + N^2) instead of autograd-through-cdist's N*N*V.
+The L1 cost (the paper's) goes through :class:`TritonL1` on CUDA (fused Triton kernels) or
+:class:`ChunkedL1` (tiled PyTorch backward) so that memory stays O(N*V + N^2) instead of
+autograd-through-cdist's N*N*V. sqeuclidean and cosine are matrix products; on CUDA they run on
+tensor cores (bf16 inputs directly, fp32 inputs split into two bf16 halves, see `split_matmul`).
 """
 
 from __future__ import annotations
@@ -9,10 +11,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+from .kernels.matmul import split_matmul
 from ._checks import check_choice, check_int_at_least
 
 COSTS = ("l1", "l2", "sqeuclidean", "cosine")
-L1_IMPLS = ("auto", "chunked", "dense")
+L1_IMPLS = ("auto", "chunked", "dense", "triton")
+MATMUL_PRECISIONS = ("auto", "fp32", "bf16x3")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DEFAULT_BLOCK_ELEMENTS = 1 << 18  # CPU: 256K elements per tile (1 MiB fp32) stay in L2; 10x faster than 4 MiB tiles
 CUDA_BLOCK_ELEMENTS = 1 << 26  # GPU: 256 MiB tiles keep the kernel launches few
 
@@ -64,44 +70,96 @@ class ChunkedL1(torch.autograd.Function):
         return gx, gy, None
 
 
+class TritonL1(torch.autograd.Function):
+    """C[b, i, j] = sum_v |x[b, i, v] - y[b, j, v]| by the Triton kernels of `sinkd.kernels.l1`.
+
+    The cost is fp32 whatever the input dtype (fp32/bf16/fp16); the backward calls one kernel per
+    side that needs a gradient, each O(N*M*V) work and O(N*V) memory, nothing N x M x V.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y):
+        ctx.save_for_backward(x, y)
+        return kernels.l1_cost(x, y)
+
+    @staticmethod
+    def backward(ctx, grad_cost):
+        x, y = ctx.saved_tensors
+        gx = kernels.l1_grad(x, y, grad_cost, "x") if ctx.needs_input_grad[0] else None
+        gy = kernels.l1_grad(x, y, grad_cost, "y") if ctx.needs_input_grad[1] else None
+        return gx, gy
+
+
+def _triton_ok(x: torch.Tensor) -> bool:
+    return x.dtype in KERNEL_DTYPES and kernels.usable_on(x)
+
+
 def l1_cost(x: torch.Tensor, y: torch.Tensor, *, impl: str = "auto", block_elements: int | None = None) -> torch.Tensor:
-    """Pairwise L1 distances (..., n, m). impl: "chunked" (tiled backward, O(N*V + N^2) memory),
+    """Pairwise L1 distances (..., n, m). impl: "triton" (fused kernels: CUDA, or CPU under
+    TRITON_INTERPRET=1; fp32 cost), "chunked" (tiled PyTorch backward, O(N*V + N^2) memory),
     "dense" (autograd through cdist), "auto": dense on CPU, whose cdist backward accumulates into
-    (N, V) and is faster, chunked on CUDA, whose cdist backward allocates N*N*V (GPU kernels plug in here)."""
+    (N, V) and is faster; on CUDA triton when importable (fp32/bf16/fp16 inputs), else chunked,
+    since CUDA's cdist backward allocates N*N*V."""
     check_choice("impl", impl, L1_IMPLS)
+    if block_elements is not None:
+        check_int_at_least("block_elements", block_elements, 1)
     if impl == "dense" or (impl == "auto" and not x.is_cuda):
         return torch.cdist(x, y, p=1)
-    if block_elements is not None:
-        block = check_int_at_least("block_elements", block_elements, 1)
-    else:
-        block = CUDA_BLOCK_ELEMENTS if x.is_cuda else DEFAULT_BLOCK_ELEMENTS
+    if impl == "triton" and not _triton_ok(x):
+        raise ValueError(
+            f"l1_impl: 'triton' needs the triton package and fp32/bf16/fp16 CUDA tensors (or TRITON_INTERPRET=1 "
+            f"set before triton is imported), got {x.dtype} on {x.device}"
+        )
     lead = x.shape[:-2]
     x3 = x.reshape(-1, *x.shape[-2:])
     y3 = y.reshape(-1, *y.shape[-2:])
+    if impl == "triton" or (impl == "auto" and _triton_ok(x)):
+        return TritonL1.apply(x3, y3).reshape(*lead, x.shape[-2], y.shape[-2])
+    block = block_elements or (CUDA_BLOCK_ELEMENTS if x.is_cuda else DEFAULT_BLOCK_ELEMENTS)
     return ChunkedL1.apply(x3, y3, block).reshape(*lead, x.shape[-2], y.shape[-2])
 
 
-def sqeuclidean_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """|x - y|^2 via matrix products (tensor-core friendly); clamped at 0 against rounding."""
-    sq = (x * x).sum(-1)[..., :, None] + (y * y).sum(-1)[..., None, :] - 2 * (x @ y.transpose(-1, -2))
+def _cross(x: torch.Tensor, y: torch.Tensor, precision: str) -> torch.Tensor:
+    """x y^T (..., n, m): split bf16 tensor-core products for fp32 CUDA inputs under "auto", bf16/fp16
+    inputs on tensor cores with an fp32 result, else a plain matmul in the input dtype."""
+    check_choice("precision", precision, MATMUL_PRECISIONS)
+    half = x.dtype in (torch.bfloat16, torch.float16)
+    if precision == "bf16x3" or (precision == "auto" and (half or (x.is_cuda and x.dtype == torch.float32))):
+        return split_matmul(x, y)
+    return x @ y.transpose(-1, -2)
+
+
+def sqeuclidean_cost(x: torch.Tensor, y: torch.Tensor, *, precision: str = "auto") -> torch.Tensor:
+    """|x|^2 + |y|^2 - 2 x y^T (the cross term on tensor cores, see `_cross`), clamped at 0 against
+    rounding. Norms are summed in fp32 at least; bf16/fp16 inputs give an fp32 cost."""
+    xf = x if x.dtype == torch.float64 else x.float()
+    yf = y if y.dtype == torch.float64 else y.float()
+    sq = (xf * xf).sum(-1)[..., :, None] + (yf * yf).sum(-1)[..., None, :] - 2 * _cross(x, y, precision)
     return sq.clamp_min(0)
 
 
-def l2_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def l2_cost(x: torch.Tensor, y: torch.Tensor, *, precision: str = "auto") -> torch.Tensor:
     """Euclidean distance; the clamp keeps the gradient finite (zero) for identical rows."""
-    return sqeuclidean_cost(x, y).clamp_min(torch.finfo(x.dtype).tiny).sqrt()
+    sq = sqeuclidean_cost(x, y, precision=precision)
+    return sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt()
 
 
-def cosine_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """1 - cosine similarity, in [0, 2]."""
-    return 1 - F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).transpose(-1, -2)
+def cosine_cost(x: torch.Tensor, y: torch.Tensor, *, precision: str = "auto") -> torch.Tensor:
+    """1 - cosine similarity, in [0, 2]; rows normalised in fp32 (or fp64), the product as in `_cross`."""
+    xf = x if x.dtype == torch.float64 else x.float()
+    yf = y if y.dtype == torch.float64 else y.float()
+    xn, yn = F.normalize(xf, dim=-1), F.normalize(yf, dim=-1)
+    if x.dtype in (torch.bfloat16, torch.float16):  # keep the caller's tensor-core dtype for the product
+        xn, yn = xn.to(x.dtype), yn.to(x.dtype)
+    return 1 - _cross(xn, yn, precision)
 
 
-def cost_matrix(x: torch.Tensor, y: torch.Tensor, name: str = "l1", **l1_options) -> torch.Tensor:
-    """Cost between the rows of x (..., n, d) and y (..., m, d) by name: l1, l2, sqeuclidean, cosine."""
+def cost_matrix(x: torch.Tensor, y: torch.Tensor, name: str = "l1", **options) -> torch.Tensor:
+    """Cost between the rows of x (..., n, d) and y (..., m, d) by name: l1, l2, sqeuclidean, cosine.
+    options: impl / block_elements for l1 (see `l1_cost`), precision for the others (see `_cross`)."""
     check_choice("cost", name, COSTS)
     if x.shape[-1] != y.shape[-1] or x.shape[:-2] != y.shape[:-2]:
         raise ValueError(f"cost_matrix: x {tuple(x.shape)} and y {tuple(y.shape)} must share batch and feature sizes")
     if name == "l1":
-        return l1_cost(x, y, **l1_options)
-    return {"l2": l2_cost, "sqeuclidean": sqeuclidean_cost, "cosine": cosine_cost}[name](x, y)
+        return l1_cost(x, y, **options)
+    return {"l2": l2_cost, "sqeuclidean": sqeuclidean_cost, "cosine": cosine_cost}[name](x, y, **options)

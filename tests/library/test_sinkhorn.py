@@ -118,3 +118,55 @@ def test_bad_inputs_are_rejected_with_the_field_named(kwargs, message):
     with pytest.raises(ValueError) as err:
         sinkhorn(torch.rand(4, 4), args.pop("eps"), **args)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("grad", ["unrolled", "envelope"])
+def test_sliced_iterations_give_the_unsliced_results(grad):
+    """block_elements far below n*m forces the slice-by-slice path; values, plan, potentials and the
+    gradient must be the unsliced ones (zero weights included: their potentials are -inf)."""
+    cost, a, b = random_problem(11, 3 * 13, 17)
+    a = a.clone()
+    a[4] = 0
+    cost = cost.reshape(3, 13, 17).requires_grad_()
+    a3 = a.reshape(3, 13)
+    whole = sinkhorn(cost, 0.05, a=a3, max_iter=40, tol=1e-30, grad=grad)
+    sliced = sinkhorn(cost, 0.05, a=a3, max_iter=40, tol=1e-30, grad=grad, block_elements=40)
+    for name in ("plan", "cost", "value", "g"):
+        torch.testing.assert_close(getattr(sliced, name), getattr(whole, name), rtol=1e-12, atol=1e-15)
+    assert sliced.marginal_error == pytest.approx(whole.marginal_error, rel=1e-10)
+    g_whole, g_sliced = (torch.autograd.grad(r.value.sum(), cost)[0] for r in (whole, sliced))
+    torch.testing.assert_close(g_sliced, g_whole, rtol=1e-12, atol=1e-15)
+
+
+def _big_allocations(fn):
+    """Number of fresh tensors (not views, not in-place results) of at least 64*64 entries made while fn runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        big = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            flat = [*args, *(kwargs or {}).values()]
+            seen = {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor)}
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.numel() >= Count.limit and t.untyped_storage().data_ptr() not in seen:
+                    Count.big += 1
+            return out
+
+    Count.limit = 64 * 64
+    with Count():
+        fn()
+    return Count.big
+
+
+def test_sliced_envelope_path_allocates_no_plan_sized_tensor_per_iteration():
+    cost = torch.rand(64, 64).requires_grad_()
+
+    def count(iters, block):
+        return _big_allocations(lambda: sinkhorn(cost, 0.1, max_iter=iters, grad="envelope", block_elements=block).cost.backward())
+
+    sliced = [count(it, 512) for it in (5, 50)]
+    unsliced = [count(it, None) for it in (5, 50)]
+    assert sliced[0] == sliced[1] <= 4, sliced  # the plan, P * C and its backward: a constant few
+    assert unsliced[1] > unsliced[0], unsliced  # the one-piece loop makes N x M temporaries every iteration

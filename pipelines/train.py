@@ -161,6 +161,10 @@ def _setup(payload: dict) -> Worker:
     ctx = ray.train.get_context()
     ds_config = deepspeed_config(t, meta.steps_per_epoch * t.epochs, cfg.scaling.use_gpu)
     device = ray.train.torch.get_device()
+    if meta.kind == "causal_lm":  # decoder-only LMs: their own model and teacher adapters
+        from .causal_lm import setup_worker
+
+        return setup_worker(Worker, cfg, stage, meta, ds_config, device, ctx)
 
     torch.manual_seed(cfg.seed)  # the same initial student on every rank
     if stage.objective is None:
@@ -205,6 +209,10 @@ def _loss(w: Worker, batch: dict):
     """The objective on this rank's real rows (padding rows only keep collectives matched)."""
     from .models import model_inputs
 
+    if w.meta.kind == "causal_lm":  # token-level: every labelled token is a row of the objective
+        from .causal_lm import loss
+
+        return loss(w, batch)
     inputs = model_inputs(batch, w.device)
     labels, real = batch["labels"].to(w.device), (batch["ids"] != PAD_ID).to(w.device)
     logits = w.engine(**inputs).float()
@@ -224,6 +232,8 @@ def _train_epoch(w: Worker, shard, epoch: int, state: State, progress) -> dict:
     """One pass over this rank's shard; an optimizer step every grad_accum micro-batches (and at the end)."""
     t, meta = w.stage.train, w.meta
     w.engine.train()
+    if meta.kind == "causal_lm":
+        from .lm_data import lm_epoch_batches as epoch_batches  # token blocks (+ cached teacher top-k)
     batches = epoch_batches(shard, t.batch_size, meta.pad_token_id, w.cfg.seed, epoch, t.shuffle_buffer)
     skip = state.step_in_epoch * t.grad_accum  # micro-batches already trained (mid-epoch resume)
     window_terms, epoch_terms, steps, examples = [0.0] * 4, [0.0] * 4, 0, 0
@@ -292,6 +302,10 @@ def _validate(w: Worker, shard) -> dict:
     """Predictions of every rank's validation shard, gathered, scored on all ranks."""
     from .models import model_inputs
 
+    if w.meta.kind == "causal_lm":  # perplexity and top-1 agreement with the teacher
+        from .causal_lm import validate
+
+        return validate(w, shard)
     engine, world, device, meta = w.engine, w.world, w.device, w.meta
     collate, batch_size = PadCollate(meta.pad_token_id), w.stage.train.eval_batch_size
     engine.eval()
@@ -346,6 +360,10 @@ def stage_meta(cfg: Config, task, stage: Stage) -> TaskMeta:
     from .data import load_tokenizer
     from .models import label_token_ids, model_kind
 
+    if cfg.task_type == "causal_lm":
+        from .causal_lm import stage_meta as lm_stage_meta
+
+        return lm_stage_meta(cfg, task, stage)
     kind = model_kind(stage.model_path)
     tok = load_tokenizer(stage.model_path)
     words = cfg.data.label_words or task.label_names
@@ -375,8 +393,13 @@ def fit_stage(cfg: Config, task, stage: Stage, show_progress: bool = True, callb
     DataContext.get_current().enable_progress_bars = False
     meta = stage_meta(cfg, task, stage)
     world, s, t = cfg.scaling.num_workers, cfg.scaling, stage.train
-    datasets = {split: to_ray(task.splits[split], world, stage.model_path, cfg.data.max_length)
-                for split in ("train", "validation")}
+    if cfg.task_type == "causal_lm":  # token blocks, or the teacher logit cache (built on first use)
+        from .causal_lm import ray_datasets
+
+        datasets = ray_datasets(cfg, task, stage)
+    else:
+        datasets = {split: to_ray(task.splits[split], world, stage.model_path, cfg.data.max_length)
+                    for split in ("train", "validation")}
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {}), **s.worker_resources}
     log = ProgressLog.remote()
     payload = {"config": cfg.to_dict(), "stage": {**dataclasses.asdict(stage)}, "meta": dataclasses.asdict(meta),

@@ -1,0 +1,177 @@
+"""The `lm:` section of a job config (task_type: causal_lm) and its up-front checks.
+
+Decoder-only distillation reads a text corpus (packed fixed-length blocks) or prompt/response
+records (loss on the response only), and may train from a teacher logit cache instead of a live
+teacher. Everything here is checked before data or Ray: files and their formats, the teacher
+(a Hugging Face directory or a GGUF file), the student, and that both share one tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+LM_FORMATS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".bz2": "wiki_xml", ".xml": "wiki_xml"}
+
+
+@dataclass
+class LogitCacheConfig:
+    """The teacher's top-k log-probabilities per token, computed once (Ray Data) and stored as Parquet
+    under `dir`/<fingerprint of teacher, data, k, max_length>: reused by later runs and Tune trials."""
+
+    enabled: bool = False
+    topk: int = 64
+    dir: str = "runs/logit_cache"
+    batch_size: int = 8  # blocks per teacher forward
+    concurrency: int = 1  # teacher actors
+    num_cpus: float = 1.0  # per teacher actor
+    num_gpus: float = 0.0  # per teacher actor (GPU hosts)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the teacher's compute dtype
+
+
+@dataclass
+class LMConfig:
+    format: Literal["packed", "prompt_response"] = "packed"
+    file_format: Optional[Literal["txt", "jsonl", "wiki_xml"]] = None  # default: from the suffix
+    text_column: str = "text"  # jsonl, packed
+    prompt_column: str = "prompt"  # jsonl, prompt_response
+    response_column: str = "response"
+    max_documents: Optional[int] = None  # read at most this many documents (articles, lines, records) per file
+    min_document_chars: int = 1  # shorter documents (e.g. wiki redirects after markup removal) are skipped
+    cache: LogitCacheConfig = field(default_factory=LogitCacheConfig)
+
+
+def lm_file_format(cfg, path: Path) -> str | None:
+    if cfg.lm.file_format:
+        return cfg.lm.file_format
+    return LM_FORMATS.get(path.suffix.lower())
+
+
+def check_causal_lm(cfg) -> None:
+    """Data files and lm options (cheap: no data read, no model loaded)."""
+    from .config import ConfigError, resolve_path
+
+    d, lm = cfg.data, cfg.lm
+    if not d.files or "train" not in d.files or d.name or d.load_from_disk:
+        raise ConfigError("data.files: task_type causal_lm reads files (txt, jsonl or a Wikipedia XML .bz2); set data.files.train")
+    for split, value in d.files.items():
+        if split not in ("train", "validation", "test"):
+            raise ConfigError(f"data.files.{split}: unknown split; use train, validation or test")
+        path = resolve_path(value, f"data.files.{split}")
+        if not path.is_file():
+            raise ConfigError(f"data.files.{split}: file not found: {path}")
+        fmt = lm_file_format(cfg, path)
+        if fmt is None:
+            raise ConfigError(f"data.files.{split}: cannot tell the format of {path.name}; set lm.file_format (txt, jsonl, wiki_xml)")
+        if lm.format == "prompt_response" and fmt != "jsonl":
+            raise ConfigError(f"data.files.{split}: lm.format prompt_response needs jsonl records, got {fmt} ({path.name})")
+    if d.max_length < 8:
+        raise ConfigError(f"data.max_length: a causal-LM block needs >= 8 tokens, got {d.max_length}")
+    if lm.max_documents is not None and lm.max_documents < 1:
+        raise ConfigError(f"lm.max_documents: must be > 0, got {lm.max_documents}")
+    if lm.min_document_chars < 1:
+        raise ConfigError(f"lm.min_document_chars: must be > 0, got {lm.min_document_chars}")
+    c = lm.cache
+    for name in ("topk", "batch_size", "concurrency"):
+        if getattr(c, name) < 1:
+            raise ConfigError(f"lm.cache.{name}: must be > 0, got {getattr(c, name)}")
+    if c.num_cpus < 0 or c.num_gpus < 0:
+        raise ConfigError("lm.cache.num_cpus / lm.cache.num_gpus: must be >= 0")
+    if c.num_gpus > 0 and not cfg.scaling.use_gpu:
+        raise ConfigError("lm.cache.num_gpus: the teacher runs on GPUs only with scaling.use_gpu: true")
+    if not c.dir:
+        raise ConfigError("lm.cache.dir: must not be empty")
+    if cfg.teacher.finetune == "always":
+        raise ConfigError("teacher.finetune: a causal-LM teacher is used as given (use auto or never)")
+    if cfg.baselines:
+        for name, over in cfg.baselines.items():
+            if "sinkhorn" in over and isinstance(over["sinkhorn"], dict) and over["sinkhorn"].get("mode") == "sample":
+                raise ConfigError(f"baselines.{name}.sinkhorn.mode: 'sample' is O(V^2) per token; use 'batch' for language models")
+    sink = (cfg.objective or {}).get("sinkhorn") or {}
+    if isinstance(sink, dict) and sink.get("mode") == "sample":
+        raise ConfigError("objective.sinkhorn.mode: 'sample' is O(V^2) per token; use 'batch' for language models")
+    if c.enabled and isinstance(sink, dict) and sink.get("cost", "l1") != "l1":
+        raise ConfigError(f"objective.sinkhorn.cost: the logit cache (lm.cache.enabled) needs cost 'l1', got {sink.get('cost')!r}")
+
+
+# ----------------------------------------------------------------------------- teacher / student
+
+
+def teacher_source(cfg) -> tuple[Path, str | None]:
+    """(directory, gguf file name or None): `teacher.path` may be a directory or a .gguf file."""
+    from .config import ConfigError, resolve_path
+
+    if not cfg.teacher.path:
+        raise ConfigError("teacher.path: required")
+    path = resolve_path(cfg.teacher.path, "teacher.path")
+    gguf = cfg.teacher.gguf_file
+    if path.suffix.lower() == ".gguf":
+        if gguf and gguf != path.name:
+            raise ConfigError(f"teacher.gguf_file: {gguf} contradicts teacher.path {path.name}")
+        path, gguf = path.parent, path.name
+    if gguf:
+        if not (path / gguf).is_file():
+            raise ConfigError(f"teacher.path: GGUF file not found: {path / gguf}")
+        return path, gguf
+    if not (path / "config.json").is_file():
+        what = "directory not found" if not path.exists() else "no config.json in"
+        raise ConfigError(f"teacher.path: {what} {path} (expected a Hugging Face model directory or a .gguf file)")
+    return path, None
+
+
+def _gguf_vocab(path: Path) -> list[str]:
+    """The token list GGUF metadata holds (memory-mapped read; no weights dequantised)."""
+    from gguf import GGUFReader
+
+    field_ = GGUFReader(str(path)).fields["tokenizer.ggml.tokens"]
+    return [bytes(field_.parts[i]).decode("utf-8", errors="replace") for i in field_.data]
+
+
+def teacher_layer_count(directory: Path, gguf: str | None) -> int:
+    if gguf:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(directory / gguf)).fields
+        arch = bytes(fields["general.architecture"].parts[-1]).decode()
+        return int(fields[f"{arch}.block_count"].parts[-1][0])
+    return int(json.loads((directory / "config.json").read_text())["num_hidden_layers"])
+
+
+def teacher_vocab_size(directory: Path, gguf: str | None) -> int:
+    if gguf:
+        return len(_gguf_vocab(directory / gguf))
+    return int(json.loads((directory / "config.json").read_text())["vocab_size"])
+
+
+def check_lm_models(cfg) -> None:
+    """Teacher (HF directory or GGUF) and student: a causal LM each, one shared tokenizer."""
+    from .config import ConfigError, _check_same_tokenizer, _model_dir
+
+    directory, gguf = teacher_source(cfg)
+    if gguf is None:
+        conf = json.loads((directory / "config.json").read_text())
+        if conf.get("is_encoder_decoder") or not any(a.endswith("ForCausalLM") for a in conf.get("architectures") or ["ForCausalLM"]):
+            raise ConfigError(f"teacher.path: {directory} is not a decoder-only causal LM ({conf.get('architectures')})")
+    s = cfg.student
+    if s.init == "teacher_layers":
+        layers = teacher_layer_count(directory, gguf)
+        if not s.layers or len(set(s.layers)) != len(s.layers) or not all(0 <= i < layers for i in s.layers):
+            raise ConfigError(f"student.layers: must be distinct indices of the teacher's {layers} layers, got {s.layers}")
+    elif s.init == "config":
+        if "vocab_size" in s.config:
+            t_vocab = teacher_vocab_size(directory, gguf)
+            if s.config["vocab_size"] != t_vocab:
+                raise ConfigError(f"student.config.vocab_size: {s.config['vocab_size']} differs from the teacher's {t_vocab}; "
+                                  "teacher and student must share a tokenizer")
+    elif s.init == "pretrained":
+        student = _model_dir(s.path, "student.path")
+        s_conf = json.loads((student / "config.json").read_text())
+        t_vocab = teacher_vocab_size(directory, gguf)
+        if s_conf.get("vocab_size") != t_vocab:
+            raise ConfigError(f"student.path: vocabulary size {s_conf.get('vocab_size')} differs from the teacher's {t_vocab}; "
+                              "teacher and student must share a tokenizer")
+        _check_same_tokenizer(directory, student, teacher_gguf=gguf, require_student_tokenizer=True)
+    if s.init != "pretrained" and (s.path or s.config and s.init != "config"):
+        raise ConfigError(f"student: path/config are not used with student.init: {s.init}")

@@ -1,0 +1,169 @@
+"""The teacher logit cache: the teacher runs once over the token blocks, training reads Parquet.
+
+A Ray Data stage (`map_batches` with the callable class `TeacherScorer`: one model load per actor,
+`lm.cache.concurrency` actors, `num_gpus` of them on GPU hosts) stores, for every position of every
+block, the teacher's top-k log-probabilities (temperature 1), their token ids and the probability
+mass of all other tokens. The cache lives in `lm.cache.dir/<fingerprint>/split=<split>/*.parquet`; the
+fingerprint covers the teacher's weights, the exact token blocks, k, max_length and the dtype, so a
+later run or Tune trial with the same inputs reuses it and a changed input never reads stale logits.
+It is written to a temporary directory and renamed into place: readers never see half a cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+SPLITS = ("train", "validation", "test")
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+@dataclass
+class CacheInfo:
+    path: Path
+    fingerprint: str
+    built: bool  # False: an earlier run's cache was reused (the teacher did not run)
+    rows: dict
+
+
+def _teacher_identity(teacher_dir: str) -> dict:
+    d = Path(teacher_dir)
+    weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in d.glob("*.safetensors"))
+    weights += sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in d.glob("*.bin"))
+    return {"dir": str(d.resolve()), "config": json.loads((d / "config.json").read_text()), "weights": weights}
+
+
+def fingerprint(cfg, task, teacher_dir: str) -> str:
+    """Hash of what the cached values depend on: teacher weights, token blocks, k, length, dtype."""
+    h = hashlib.sha256()
+    c = cfg.lm.cache
+    h.update(json.dumps({"format": FORMAT, "teacher": _teacher_identity(teacher_dir), "k": c.topk,
+                         "max_length": cfg.data.max_length, "dtype": c.dtype}, sort_keys=True, default=str).encode())
+    for split in SPLITS:
+        table = task.splits[split]
+        h.update(split.encode())
+        for col in ("input_ids", "labels"):
+            arr = table.column(col).combine_chunks()
+            h.update(np.diff(arr.offsets.to_numpy()).tobytes())
+            h.update(arr.values.to_numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+class TeacherScorer:
+    """Ray Data callable class: the frozen teacher, loaded once per actor, scoring batches of blocks."""
+
+    def __init__(self, teacher_dir: str, k: int, dtype: str = "float32", num_threads: int | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from .models import _quiet_transformers
+
+        _quiet_transformers()
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.dtype = getattr(torch, dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=self.dtype).to(self.device).eval()
+        pad = self.model.config.pad_token_id
+        self.pad = pad if isinstance(pad, int) else 0
+        self.k = k
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        from sinkd.topk_teacher import teacher_topk
+
+        from .lm_data import LMCollate
+
+        tensors = LMCollate(self.pad)(batch)
+        with torch.no_grad():
+            logits = self.model(input_ids=tensors["input_ids"].to(self.device),
+                                attention_mask=tensors["attention_mask"].to(self.device)).logits[:, :-1]
+            top = teacher_topk(logits, self.k)
+        logp = top.probs.clamp_min(torch.finfo(torch.float32).tiny).log().float().cpu().numpy()
+        ids, rest = top.ids.to(torch.int32).cpu().numpy(), top.rest.float().cpu().numpy()
+        lengths = tensors["attention_mask"].sum(-1).numpy() - 1  # positions that predict a next token
+        k = logp.shape[-1]
+        extra = {"split": batch.column("split")} if "split" in batch.column_names else {}
+        return pa.table({
+            **extra, "id": batch.column("id"), "input_ids": batch.column("input_ids"), "labels": batch.column("labels"),
+            "k": pa.array(np.full(len(lengths), k), pa.int32()),
+            "t_logp": pa.array([logp[i, :n].reshape(-1) for i, n in enumerate(lengths)], pa.list_(pa.float32())),
+            "t_ids": pa.array([ids[i, :n].reshape(-1) for i, n in enumerate(lengths)], pa.list_(pa.int32())),
+            "t_rest": pa.array([rest[i, :n] for i, n in enumerate(lengths)], pa.list_(pa.float32())),
+        })
+
+
+def ensure_cache(cfg, task, teacher_dir: str) -> CacheInfo:
+    """The cache for (teacher, data, k, max_length): reused when present, else built with Ray Data."""
+    import ray.data
+
+    c = cfg.lm.cache
+    fp = fingerprint(cfg, task, teacher_dir)
+    root = Path(c.dir) / fp
+    if (root / MANIFEST).is_file():
+        return CacheInfo(root, fp, False, json.loads((root / MANIFEST).read_text())["rows"])
+    tmp = Path(c.dir) / f".tmp-{fp}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        # One pass over all splits (one set of teacher actors), written partitioned by split.
+        table = pa.concat_tables([task.splits[s].append_column("split", pa.array([s] * task.splits[s].num_rows))
+                                  for s in SPLITS])
+        ds = ray.data.from_arrow(table, override_num_blocks=max(1, min(64, table.num_rows // (4 * c.batch_size))))
+        scored = ds.map_batches(
+            TeacherScorer, fn_constructor_kwargs={"teacher_dir": teacher_dir, "k": c.topk, "dtype": c.dtype,
+                                                  "num_threads": max(1, int(c.num_cpus))},
+            batch_size=c.batch_size, batch_format="pyarrow", concurrency=c.concurrency,
+            num_cpus=c.num_cpus, **({"num_gpus": c.num_gpus} if c.num_gpus else {}))
+        scored.write_parquet(str(tmp), partition_cols=["split"])
+        rows = {s: task.splits[s].num_rows for s in SPLITS}
+        (tmp / MANIFEST).write_text(json.dumps({"fingerprint": fp, "teacher": teacher_dir, "topk": c.topk,
+                                                "max_length": cfg.data.max_length, "dtype": c.dtype, "rows": rows}, indent=1))
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another run (a concurrent Tune trial) finished the same cache first
+            if not (root / MANIFEST).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return CacheInfo(root, fp, True, rows)
+
+
+def split_files(info: CacheInfo, split: str) -> list[str]:
+    """A split's Parquet files (Hive partition split=<name>), in a fixed order."""
+    return sorted(str(p) for p in (info.path / f"split={split}").glob("*.parquet"))
+
+
+def read_cache(info: CacheInfo, split: str, num_workers: int):
+    """A split of the cache as a Ray Dataset (files in a fixed order), padded for an equal split."""
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from .data import padded_rows
+    from .lm_data import padding_rows
+
+    files = split_files(info, split)
+    if not files:
+        raise FileNotFoundError(f"logit cache {info.path}: no Parquet files for split {split}")
+    ds = ray.data.read_parquet(files, partitioning=None)  # rows as written, without a split column
+    extra = padded_rows(info.rows[split], num_workers)
+    if extra:
+        ds = ds.union(ray.data.from_arrow(padding_rows(pq.read_table(files[0]).slice(0, 1), extra)))
+    return ds
+
+
+def read_cache_table(info: CacheInfo, split: str) -> pa.Table:
+    """A whole split on the driver (evaluation, tests), rows sorted by id."""
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables([pq.read_table(p) for p in split_files(info, split)])
+    return table.take(np.argsort(table.column("id").to_numpy(), kind="stable"))

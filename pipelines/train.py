@@ -232,9 +232,10 @@ def _train_epoch(w: Worker, shard, epoch: int, state: State, progress) -> dict:
     """One pass over this rank's shard; an optimizer step every grad_accum micro-batches (and at the end)."""
     t, meta = w.stage.train, w.meta
     w.engine.train()
+    batches_of = epoch_batches  # a local import named epoch_batches would shadow the module's for classification too
     if meta.kind == "causal_lm":
-        from .lm_data import lm_epoch_batches as epoch_batches  # token blocks (+ cached teacher top-k)
-    batches = epoch_batches(shard, t.batch_size, meta.pad_token_id, w.cfg.seed, epoch, t.shuffle_buffer)
+        from .lm_data import lm_epoch_batches as batches_of  # token blocks (+ cached teacher top-k)
+    batches = batches_of(shard, t.batch_size, meta.pad_token_id, w.cfg.seed, epoch, t.shuffle_buffer)
     skip = state.step_in_epoch * t.grad_accum  # micro-batches already trained (mid-epoch resume)
     window_terms, epoch_terms, steps, examples = [0.0] * 4, [0.0] * 4, 0, 0
     ids_seen = [0.0, 0.0, 0.0]  # count, sum, sum of squares of real ids: the exactly-once check

@@ -40,4 +40,11 @@ def l1_grad(x, y, weights, side: str, **blocks):
     return l1.l1_grad(x, y, weights, side, **blocks)
 
 
-__all__ = ["interpreting", "l1_cost", "l1_grad", "triton_available", "usable_on"]
+def softmax_l1_cost(zs, zt, temperature: float = 1.0):
+    """L1 cost between softmax(zs / T) and softmax(zt / T) from the logits, storing no probabilities."""
+    from . import softmax_l1
+
+    return softmax_l1.softmax_l1_cost(zs, zt, temperature)
+
+
+__all__ = ["interpreting", "l1_cost", "l1_grad", "softmax_l1_cost", "triton_available", "usable_on"]

@@ -109,3 +109,52 @@ def test_auto_picks_triton_on_cuda_and_matches_float64_at_a_real_size():
     torch.testing.assert_close(cost.double(), torch.cdist(x64, y64, p=1), rtol=1e-5, atol=0)
     ref_gx = k.l1_grad(x64.float(), y64.float(), w, "x")
     assert rel(xr.grad, ref_gx.double().cpu()) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_l1_from_logits_matches_float64_autograd(dtype):
+    """The logits-mode kernels + in-place softmax backward vs cdist of float64 softmaxes, both sides."""
+    from sinkd.kernels import softmax_l1
+
+    gen = torch.Generator().manual_seed(5)
+    zs = (3 * torch.randn(2, 13, 45, generator=gen, dtype=torch.float32)).to(DEVICE, dtype)
+    zt = (3 * torch.randn(2, 10, 45, generator=gen, dtype=torch.float32)).to(DEVICE, dtype)
+    w = torch.rand(2, 13, 10, generator=gen, dtype=torch.float32).to(DEVICE)
+    zs64, zt64 = zs.double().cpu().requires_grad_(), zt.double().cpu().requires_grad_()
+    ref = torch.cdist(torch.softmax(zs64 / 2, -1), torch.softmax(zt64 / 2, -1), p=1)
+    ref_gs, ref_gt = torch.autograd.grad((ref * w.double().cpu()).sum(), (zs64, zt64))
+    s, t = zs.clone().requires_grad_(), zt.clone().requires_grad_()
+    old = softmax_l1.ROW_BLOCK_ELEMENTS
+    softmax_l1.ROW_BLOCK_ELEMENTS = 45 * 4  # several row blocks in the logsumexp and backward loops
+    try:
+        cost = softmax_l1.softmax_l1_cost(s, t, temperature=2.0)
+        cost.backward(w)
+    finally:
+        softmax_l1.ROW_BLOCK_ELEMENTS = old
+    assert cost.dtype == torch.float32 and s.grad.dtype == dtype
+    assert rel(cost, ref.detach()) <= 1e-5
+    assert rel(s.grad, ref_gs) <= TOL[dtype] and rel(t.grad, ref_gt) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("logits", [False, True])
+def test_tile_picking_path_times_clipped_problems_and_keeps_results(monkeypatch, logits):
+    """The GPU launch path (time each tile shape on a clipped copy, keep the fastest) run through the
+    interpreter with a tiny clip, so that clipping and the full launch are both exercised."""
+    from sinkd.kernels import softmax_l1
+
+    monkeypatch.setattr(k, "TUNE_IN_INTERPRETER", True)
+    monkeypatch.setattr(k, "TUNE_CLIP", (9, 7, 20))
+    monkeypatch.setattr(k, "COST_CONFIGS", [(16, 16, 8, 4), (8, 32, 4, 4)])
+    monkeypatch.setattr(k, "GRAD_CONFIGS", [(16, 8, 16, 4), (8, 4, 32, 4)])
+    monkeypatch.setattr(k, "_BEST", {})
+    x, y, w = inputs(6, 2, 21, 18, 45, torch.float32)
+    if logits:
+        lx, ly = softmax_l1.row_logsumexp(x, 2.0), softmax_l1.row_logsumexp(y, 2.0)
+        ref = reference(torch.softmax(x.double() / 2, -1), torch.softmax(y.double() / 2, -1), w)
+        opts = {"lse_x": lx, "lse_y": ly, "temperature": 2.0}
+    else:
+        ref, opts = reference(x, y, w), {}
+    got = (k.l1_cost(x, y, **opts), k.l1_grad(x, y, w, "x", **opts), k.l1_grad(x, y, w, "y", **opts))
+    assert {key[0] for key in k._BEST} == {"cost", "grad"}
+    for g, r in zip(got, ref):
+        assert rel(g, r) <= 1e-5

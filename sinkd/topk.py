@@ -40,10 +40,13 @@ class TopKDistribution(NamedTuple):
 
 def _chunk_cost(ps, s_member, s_mass, t_probs, t_ids, t_rest):
     """Cost rows for a chunk of students: ps (r, V), s_member (r, V) bool, s_mass (r,)."""
-    gathered = ps[:, t_ids]  # (r, M, k): each student row at every teacher's ids
+    flat = t_ids.reshape(-1)
+    # (r, M, k): each student row at every teacher's ids. index_select, not ps[:, t_ids]: its backward
+    # is index_add (12x faster on CPU at k=1024 than advanced indexing's accumulating index_put).
+    gathered = ps.index_select(1, flat).view(ps.shape[0], *t_ids.shape)
     a = (gathered - t_probs).abs().sum(-1)
     b = gathered.sum(-1)
-    d = (gathered * s_member[:, t_ids]).sum(-1)
+    d = (gathered * s_member.index_select(1, flat).view(ps.shape[0], *t_ids.shape)).sum(-1)
     outside = s_mass[:, None] - d  # student top-k mass not on the teacher's ids
     return a + outside + (1 - (b + outside) - t_rest).abs()
 

@@ -76,8 +76,10 @@ def convert_gguf(directory: Path, gguf: str, cache_dir: str) -> str:
         for attr in ("quantization_config", "_pre_quantization_dtype"):
             if hasattr(conf, attr):
                 delattr(conf, attr)
-        model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict())
+        with torch.device("meta"):  # no random init: the loaded tensors are assigned as they are
+            model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict(), assign=True)
+        model.tie_weights()
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(directory, gguf_file=gguf).save_pretrained(tmp)
         try:

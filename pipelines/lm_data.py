@@ -167,7 +167,8 @@ def tokenize_split(cfg: Config, tokenizer, split: str, items: list) -> pa.Table:
     if cfg.lm.format == "prompt_response":
         prompts = tokenizer([p for _, p, _ in items], add_special_tokens=False)["input_ids"]
         responses = tokenizer([r for _, _, r in items], add_special_tokens=False)["input_ids"]
-        rows = [prompt_response_row(p, r, eos, cfg.data.max_length, f"{cfg.data.files[split]} line {line}")
+        where = cfg.data.files.get(split, cfg.data.files["train"])  # carved splits come from train's file
+        rows = [prompt_response_row(p, r, eos, cfg.data.max_length, f"{where} line {line}")
                 for (line, _, _), p, r in zip(items, prompts, responses)]
         return _table([r[0] for r in rows], [r[1] for r in rows])
     blocks = pack_blocks(tokenizer(items, add_special_tokens=False)["input_ids"], cfg.data.max_length, eos)

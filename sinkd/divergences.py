@@ -13,7 +13,7 @@ import torch
 
 from ._checks import check_choice, check_logits, check_mask, check_open_unit, check_positive
 from .topk import TopKDistribution
-from .topk_teacher import bucketed_log_probs, check_topk_teacher
+from .topk_teacher import check_topk_teacher, teacher_student_log_probs
 
 DIVERGENCES = ("kl", "rkl", "js", "tvd", "skew_kl", "skew_rkl")
 REDUCTIONS = ("sum", "mean", "batchmean", "none")
@@ -62,8 +62,8 @@ def divergence(
     mask: bool over rows, False rows (padding) contribute nothing. reduction: "sum" over rows,
     "batchmean" = sum / kept rows, "mean" = sum / (kept rows * V) like torch's kl_div, "none" = per row
     (masked rows are 0). teacher_logits may be a TopKDistribution (top-k probabilities at T=1, ids,
-    rest mass per row, e.g. from a logit cache): both sides are then compared on the teacher's k ids
-    plus one rest bucket (exact when k = V; see sinkd.topk_teacher).
+    rest mass per row, e.g. from a logit cache): the teacher is then its k probabilities plus the
+    rest spread evenly over the other tokens (exact when k = V; see sinkd.topk_teacher).
     """
     check_choice("divergence", name, DIVERGENCES)
     check_choice("reduction", reduction, REDUCTIONS)
@@ -74,7 +74,7 @@ def divergence(
     (check_topk_teacher if topk_teacher else check_logits)(student_logits, teacher_logits)
     flat_mask = check_mask(mask, student_logits.shape[:-1])
     if topk_teacher:
-        log_ps, log_pt = bucketed_log_probs(student_logits, teacher_logits, temperature)
+        log_ps, log_pt = teacher_student_log_probs(student_logits, teacher_logits, temperature)
     else:
         log_ps = torch.log_softmax(student_logits / temperature, dim=-1)
         log_pt = torch.log_softmax(teacher_logits / temperature, dim=-1)

@@ -79,7 +79,7 @@ class DistillationObjective:
     (its logits are detached). mask selects rows for the KD and Sinkhorn terms; when it is None and
     labels are given, rows whose label is ignore_index are left out (padding, prompt tokens).
     The teacher may also be a TopKDistribution (a logit cache's top-k probabilities, ids and rest
-    mass per row): KD then compares top-k + rest buckets and Sinkhorn uses the sparse L1 cost.
+    mass per row): KD spreads the rest evenly over the other tokens, Sinkhorn uses the sparse L1 cost.
     """
 
     def __init__(self, config: ObjectiveConfig | None = None):

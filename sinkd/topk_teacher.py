@@ -6,9 +6,11 @@ temperature 1) wherever they accept teacher logits. Two facts make it work:
 - Temperature: p_T(v) is proportional to p(v)^(1/T). On the k kept tokens that is exact; the rest
   mass r is treated as spread evenly over the V - k other tokens, so it becomes (V - k) (r / (V - k))^(1/T)
   before renormalising. Exact at T = 1 and when k = V (r = 0).
-- Divergences compare the two distributions collapsed onto the same k + 1 buckets (the teacher's ids
-  and everything else). With k = V this is the full-vocabulary divergence; with k < V it is the
-  divergence of the bucketed distributions (a lower bound for KL and TVD, by data processing).
+- Divergences use the same reading of the rest bucket: the teacher is rebuilt over the whole
+  vocabulary (its k probabilities, and rest / (V - k) on every other token) and compared with the
+  student's full distribution. Exact when k = V. (Collapsing the student onto k + 1 buckets instead
+  drops its spread over the tail, which is most of the KL at T > 1: 5.3 instead of 38.2 for SmolLM2
+  at k = 64, T = 2, where the even spread gives 24.1; at T = 1 it gives 29.7 of 30.5.)
 """
 
 from __future__ import annotations
@@ -77,18 +79,19 @@ def tempered_log_probs(teacher: TopKDistribution, temperature: float, vocab: int
     return (log_top - norm[..., None]).clamp_min(LOG_FLOOR), (log_rest - norm).clamp_min(LOG_FLOOR)
 
 
-def bucketed_log_probs(student_logits: torch.Tensor, teacher: TopKDistribution, temperature: float):
-    """Student and teacher log-probabilities over k + 1 buckets (the teacher's ids, then the rest)."""
-    vocab = student_logits.shape[-1]
+def dense_log_probs(teacher: TopKDistribution, temperature: float, vocab: int, dtype=None) -> torch.Tensor:
+    """log p_T over the whole vocabulary (..., V): the k kept values, the rest spread evenly."""
+    top, rest = tempered_log_probs(teacher, temperature, vocab, dtype)
+    others = vocab - top.shape[-1]
+    fill = (rest - math.log(others)).clamp_min(LOG_FLOOR) if others > 0 else torch.full_like(rest, LOG_FLOOR)
+    dense = fill[..., None].expand(*top.shape[:-1], vocab).clone()
+    return dense.scatter_(-1, teacher.ids.long(), top)
+
+
+def teacher_student_log_probs(student_logits: torch.Tensor, teacher: TopKDistribution, temperature: float):
+    """(student log p_T, teacher log p_T), both (..., V), for the row-wise divergences."""
     log_ps = torch.log_softmax(student_logits / temperature, dim=-1)
-    ids = teacher.ids.long()
-    s_top = log_ps.gather(-1, ids)
-    if ids.shape[-1] >= vocab:  # nothing outside the teacher's ids
-        s_rest = torch.full_like(s_top[..., 0], LOG_FLOOR)
-    else:
-        s_rest = torch.logsumexp(log_ps.scatter(-1, ids, float("-inf")), dim=-1).clamp_min(LOG_FLOOR)
-    t_top, t_rest = tempered_log_probs(teacher, temperature, vocab, log_ps.dtype)
-    return torch.cat([s_top, s_rest[..., None]], -1), torch.cat([t_top, t_rest[..., None]], -1)
+    return log_ps, dense_log_probs(teacher, temperature, student_logits.shape[-1], log_ps.dtype)
 
 
 def tempered_distribution(teacher: TopKDistribution, temperature: float, vocab: int, dtype=None) -> TopKDistribution:

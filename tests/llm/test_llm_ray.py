@@ -1,0 +1,164 @@
+"""Through Ray: the teacher logit cache (write, read, same loss as the live teacher, reuse) and tiny
+Llama distillation end to end with Ray Train, 2 workers, DeepSpeed ZeRO-2, live teacher and cache."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sinkd import DistillationObjective, ObjectiveConfig, SinkhornConfig, TopKDistribution
+from sinkd.topk_teacher import teacher_topk
+
+from conftest import make_tiny_llama
+
+V = 49152
+
+
+def job(tmp_path, teacher, wiki_path, cache_dir, **over) -> dict:
+    raw = {"task_type": "causal_lm", "run_dir": str(tmp_path / "run"), "seed": 0,
+           "data": {"files": {"train": str(wiki_path)}, "max_length": 8, "max_train_examples": 8, "max_eval_examples": 2},
+           "lm": {"max_documents": 4, "cache": {"enabled": True, "topk": V, "dir": str(cache_dir), "batch_size": 4}},
+           "teacher": {"path": str(teacher)},
+           "student": {"init": "teacher_layers", "layers": [0, 3]},
+           "objective": {"alpha": 1.0, "beta": 1.0, "temperature": 2.0,
+                         "sinkhorn": {"eps": 0.1, "max_iter": 20, "temperature": 2.0, "group_size": 16}},
+           "train": {"epochs": 2, "batch_size": 2, "eval_batch_size": 4, "lr": 1e-3, "zero_stage": 2},
+           "scaling": {"num_workers": 2, "cpus_per_worker": 1}}
+    for key, value in over.items():
+        node = raw
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return raw
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("logit_cache")
+
+
+def cached_batches(info, split):
+    from pipelines.lm_data import LMCollate
+    from pipelines.logit_cache import read_cache
+
+    return list(read_cache(info, split, 1).iter_torch_batches(batch_size=4, collate_fn=LMCollate(2)))
+
+
+def live_and_cached_losses(teacher_dir, batches, objective, k=None):
+    """(live teacher objective, objective from the cache's rows, objective from top-k of the live logits)."""
+    from pipelines.causal_lm import load_causal_lm
+
+    torch.manual_seed(0)
+    teacher = load_causal_lm(str(teacher_dir)).eval()
+    student = make_student(teacher)
+    out = []
+    for b in batches:
+        inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+        labels = b["labels"][:, 1:]
+        with torch.no_grad():
+            zt = teacher(**inputs).logits[:, :-1]
+            zs = student(**inputs).logits[:, :-1]
+        cached = TopKDistribution(b["t_probs"], b["t_ids"], b["t_rest"])
+        rows = [objective(zs, zt, labels=labels), objective(zs, cached, labels=labels)]
+        if k is not None:
+            rows.append(objective(zs, teacher_topk(zt, k), labels=labels))
+        out.append([r.as_dict() for r in rows])
+    return out
+
+
+def make_student(teacher):
+    from pipelines.causal_lm import student_from_teacher_layers
+
+    return student_from_teacher_layers(teacher, [0, teacher.config.num_hidden_layers - 1]).eval()
+
+
+def test_cache_round_trip_with_k_equal_v_gives_the_live_loss_and_is_reused(local_ray, tmp_path, tiny_llama, wiki_path, shared_cache):
+    from pipelines.causal_lm import plan_parts
+    from pipelines.config import Config
+    from pipelines.logit_cache import ensure_cache
+
+    cfg = Config.from_dict(job(tmp_path, tiny_llama, wiki_path, shared_cache))
+    task, teacher_dir = plan_parts(cfg)
+    info = ensure_cache(cfg, task, teacher_dir)
+    assert info.built and info.rows == task.sizes()
+    batches = cached_batches(info, "train")
+    assert sorted(int(i) for b in batches for i in b["ids"]) == list(range(task.sizes()["train"]))
+    objective = DistillationObjective(ObjectiveConfig(alpha=1.0, beta=1.0, temperature=2.0,
+                                                      sinkhorn=SinkhornConfig(temperature=2.0, group_size=16)))
+    for live, cached in live_and_cached_losses(teacher_dir, batches, objective):
+        for term in ("loss", "kd", "sinkhorn"):
+            assert cached[term] == pytest.approx(live[term], rel=2e-5, abs=1e-6), term  # float32 sums over V
+    # The second run finds the same fingerprint: nothing is recomputed or rewritten.
+    stamps = {p: p.stat().st_mtime_ns for p in info.path.rglob("*.parquet")}
+    again = ensure_cache(Config.from_dict(job(tmp_path, tiny_llama, wiki_path, shared_cache)), task, teacher_dir)
+    assert not again.built and again.path == info.path
+    assert {p: p.stat().st_mtime_ns for p in info.path.rglob("*.parquet")} == stamps
+    # A different k is another cache.
+    other = Config.from_dict(job(tmp_path, tiny_llama, wiki_path, shared_cache, **{"lm.cache.topk": 8}))
+    from pipelines.logit_cache import fingerprint
+
+    assert fingerprint(other, task, teacher_dir) != info.fingerprint
+
+
+def test_cache_of_the_real_teacher_at_k_below_v_is_close_to_the_live_loss(local_ray, tmp_path, smollm2_dir, wiki_path):
+    """SmolLM2 (a trained, peaked teacher) cached at k = 64: the loss from the cache is that of the
+    live logits' top-k to float32 precision, and within a few percent of the full-vocabulary loss."""
+    from pipelines.causal_lm import plan_parts
+    from pipelines.config import Config
+    from pipelines.logit_cache import ensure_cache
+
+    cfg = Config.from_dict(job(tmp_path, smollm2_dir, wiki_path, tmp_path / "cache",
+                               **{"data.max_length": 24, "data.max_train_examples": 4, "data.max_eval_examples": 1,
+                                  "lm.cache.topk": 64, "student.layers": [0, 29]}))
+    task, teacher_dir = plan_parts(cfg)
+    info = ensure_cache(cfg, task, teacher_dir)
+    objective = DistillationObjective(ObjectiveConfig(alpha=1.0, beta=1.0, temperature=1.0,
+                                                      sinkhorn=SinkhornConfig(group_size=32)))
+    for live, cached, topk in live_and_cached_losses(teacher_dir, cached_batches(info, "train"), objective, k=64):
+        for term in ("loss", "kd", "sinkhorn"):
+            assert cached[term] == pytest.approx(topk[term], rel=1e-4), term
+            assert cached[term] == pytest.approx(live[term], rel=0.05), term
+
+
+def check_run(results: dict, run_dir: Path, steps: int):
+    sinkd = results["models"]["sinkd"]
+    for name in ("teacher", "sinkd"):
+        scores = results["models"][name]["test"]
+        assert math.isfinite(scores["perplexity"]) and 0 <= scores["top1_agreement"] <= 1
+    assert results["models"]["teacher"]["test"]["top1_agreement"] == 1.0
+    assert math.isfinite(sinkd["val"]["perplexity"]) and sinkd["val"]["tokens"] == 2 * 7
+    assert sinkd["layers"] == 2
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(sinkd["path"])  # the export reloads as a causal LM
+    assert model.config.num_hidden_layers == 2
+    state = json.loads((run_dir / "models" / "sinkd" / "sinkd_task.json").read_text())
+    assert state["kind"] == "causal_lm" and state["global_step"] == steps  # 8 blocks / (2 workers x 2) a step
+
+
+def test_e2e_zero2_two_workers_from_the_logit_cache(local_ray, tmp_path, tiny_llama, wiki_path, shared_cache):
+    """The job reads the cache the round-trip test wrote (the teacher does not run again)."""
+    from pipelines.config import Config
+    from pipelines.job import run_job
+
+    raw = job(tmp_path, tiny_llama, wiki_path, shared_cache, **{"train.epochs": 1})
+    before = sorted(p.name for p in shared_cache.iterdir())
+    results = run_job(Config.from_dict(raw), raw, show_progress=False)
+    assert sorted(p.name for p in shared_cache.iterdir()) == before
+    check_run(results, tmp_path / "run", steps=2)
+
+
+def test_e2e_zero2_two_workers_live_teacher(local_ray, tmp_path, tiny_llama, wiki_path):
+    from pipelines.config import Config
+    from pipelines.job import run_job
+
+    raw = job(tmp_path, tiny_llama, wiki_path, tmp_path / "cache", **{"lm.cache.enabled": False, "train.epochs": 1,
+                                                                     "objective.sinkhorn.topk": 16})
+    results = run_job(Config.from_dict(raw), raw, show_progress=False)
+    assert not (tmp_path / "cache").exists()  # a live teacher, no cache written
+    check_run(results, tmp_path / "run", steps=2)

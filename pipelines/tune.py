@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -144,11 +145,17 @@ def format_table(trials: list, space: TuneSpace, best: dict) -> str:
     rows = []
     for t in trials:
         value = t[space.metric]
-        rows.append([t["trial"][-28:] + (" *" if t is best else ""), t["status"], str(t["iterations"]),
+        rows.append([short_name(t["trial"]) + (" *" if t is best else ""), t["status"], str(t["iterations"]),
                      "-" if value is None else f"{value:.4f}"] + [_fmt(t["params"][k]) for k in short])
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows] + ["* best"])
+
+
+def short_name(trial: str) -> str:
+    """`_trial_e518c_00001_1_objective_..._2026-11-23_14-57-30` -> `e518c_00001`: Tune's trial id."""
+    match = re.search(r"[0-9a-f]{5}_\d{5}", trial)
+    return match.group(0) if match else trial[-28:]
 
 
 def _fmt(value) -> str:
@@ -182,8 +189,9 @@ def _plot(trials: list, space: TuneSpace, path: Path) -> None:
     for t in trials:
         if t["history"]:
             its, vals = zip(*t["history"])
-            right.plot(its, vals, marker="o", label=t["trial"][-8:])
+            right.plot(its, vals, marker="o", label=short_name(t["trial"]))
     right.set_xlabel("training iteration (epoch)")
+    right.xaxis.get_major_locator().set_params(integer=True)
     right.set_ylabel(space.metric)
     right.set_title("trials over time")
     if len(trials) <= 12:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -121,27 +122,31 @@ def teacher_source(cfg) -> tuple[Path, str | None]:
     return path, None
 
 
-def _gguf_vocab(path: Path) -> list[str]:
-    """The token list GGUF metadata holds (memory-mapped read; no weights dequantised)."""
+def _gguf_header(path: Path) -> tuple[int, int]:
+    """(decoder layers, vocabulary size) from GGUF metadata; read once per file version (Tune
+    validates the config once per sampled value)."""
+    stat = path.stat()
+    return _gguf_header_cached(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _gguf_header_cached(path: str, size: int, mtime: int) -> tuple[int, int]:
     from gguf import GGUFReader
 
-    field_ = GGUFReader(str(path)).fields["tokenizer.ggml.tokens"]
-    return [bytes(field_.parts[i]).decode("utf-8", errors="replace") for i in field_.data]
+    fields = GGUFReader(path).fields  # memory-mapped; no weights dequantised
+    arch = bytes(fields["general.architecture"].parts[-1]).decode()
+    return int(fields[f"{arch}.block_count"].parts[-1][0]), len(fields["tokenizer.ggml.tokens"].data)
 
 
 def teacher_layer_count(directory: Path, gguf: str | None) -> int:
     if gguf:
-        from gguf import GGUFReader
-
-        fields = GGUFReader(str(directory / gguf)).fields
-        arch = bytes(fields["general.architecture"].parts[-1]).decode()
-        return int(fields[f"{arch}.block_count"].parts[-1][0])
+        return _gguf_header(directory / gguf)[0]
     return int(json.loads((directory / "config.json").read_text())["num_hidden_layers"])
 
 
 def teacher_vocab_size(directory: Path, gguf: str | None) -> int:
     if gguf:
-        return len(_gguf_vocab(directory / gguf))
+        return _gguf_header(directory / gguf)[1]
     return int(json.loads((directory / "config.json").read_text())["vocab_size"])
 
 

@@ -105,9 +105,25 @@ def free(device):
         torch.cuda.empty_cache()
 
 
+def make_inputs(n, v, device, seed=0):
+    """Standard normal logits drawn on the device itself (CPU draws of 2 x 1.2G numbers would take
+    longer than the loss at N=8192, V=152k); the same seed gives the same logits on that device."""
+    gen = torch.Generator(device=device).manual_seed(seed + 1000 * n + v)
+    zs = torch.randn(n, v, generator=gen, device=device).requires_grad_()
+    zt = torch.randn(n, v, generator=gen, device=device)
+    return zs, zt
+
+
+def reference_loss(n, v, device):
+    """The official value from a forward pass alone (O(N^2) memory) on the same inputs."""
+    zs, zt = make_inputs(n, v, device)
+    with torch.no_grad():
+        return float(loss_bench.official(zs, zt))
+
+
 def run_loss(impl, n, v, device, repeats, warmup=1):
     """Median forward+backward ms and peak extra bytes (over the inputs) of one implementation."""
-    zs, zt = loss_bench.make_inputs(n, v, device)
+    zs, zt = make_inputs(n, v, device)
     meter = Meter(device)
     times = []
     meter.start()
@@ -259,7 +275,7 @@ def part_a(n, v, device, matmul_size, repeats, impls):
 
 # ---------------------------------------------------------------- part b: 256 x 32k
 def part_b(n, v, device, repeats, have_pot):
-    ref = loss_bench.reference_loss(n, v, device)
+    ref = reference_loss(n, v, device)
     rows = {}
     for impl in IMPLS:
         if impl == "pot" and not have_pot:
@@ -281,36 +297,68 @@ def part_b(n, v, device, repeats, have_pot):
 
 # ---------------------------------------------------------------- part c: largest N
 def largest_n(impl, v, device, start, step, mem_cap, deadline):
-    """Doubling from `start` until a try fails, then bisection down to `step`; stops at the deadline."""
-    tries = []
+    """Largest N whose forward+backward fits. Three small tries give peak(N) = c + a N + b N^2, which
+    predicts the limit; then growth by 25% steps until a try fails and bisection down to `step`.
+    Stops at the deadline with what is known. CUDA: peak = inputs + extra vs free memory at start;
+    CPU: extra vs mem_cap."""
+    import math
+
+    tries, peaks = [], {}
+    capacity = mem_cap if device != "cuda" else torch.cuda.mem_get_info()[0]
 
     def fits(n):
         status, r = try_loss(impl, n, v, device, mem_cap)
+        inputs = 0 if device != "cuda" else 2 * 4 * n * v
+        if "peak_extra_bytes" in r:
+            peaks[n] = r["peak_extra_bytes"] + inputs
         tries.append({"n": n, "status": status, "s": r.get("ms", 0) / 1e3, "peak_extra_bytes": r.get("peak_extra_bytes")})
-        print(f"  [c] {impl} N={n}: {status}", file=sys.stderr, flush=True)
+        print(f"  [c] {impl} N={n}: {status} {r.get('ms', 0) / 1e3:.1f} s", file=sys.stderr, flush=True)
         return status == "ok"
 
+    def done(note=None):
+        out = {"largest_n": lo, "first_failing_n": hi, "step": step, "tries": tries, "exact": note is None}
+        return {**out, "note": note} if note else out
+
     lo, hi = 0, None
-    n = start
+    probes = (start, 2 * start, 4 * start)
+    for n in probes:
+        if not fits(n):
+            hi = n
+            break
+        lo = n
+    n = None
+    if hi is None and all(p in peaks for p in probes):
+        # peak(N) = c + a N + b N^2 through the three probes (inputs and gradients ~ N V, plans ~ N^2,
+        # cdist's backward ~ N^2 V), solved for peak(N) = capacity.
+        import numpy as np
+
+        coef = np.linalg.solve(np.array([[1.0, q, q * q] for q in probes]), np.array([peaks[q] for q in probes], dtype=float))
+        c, a, b = (float(t) for t in coef)
+        if b > 0:
+            n = (-a + math.sqrt(max(a * a - 4 * b * (c - capacity), 0.0))) / (2 * b)
+        elif a > 0:
+            n = (capacity - c) / a
+        n = max(int(n) // step * step, lo + step) if n else None
     while hi is None:
         if time.monotonic() > deadline:
-            return {"largest_n": lo, "exact": False, "note": "time budget reached while doubling", "tries": tries}
+            return done("time budget reached while growing")
+        n = n or 2 * lo
         if fits(n):
-            lo, n = n, 2 * n
+            lo, n = n, max(int(n * 1.25) // step * step, n + step)
         else:
             hi = n
     while hi - lo > step:
         if time.monotonic() > deadline:
-            return {"largest_n": lo, "exact": False, "note": f"time budget reached; fails at {hi}", "tries": tries}
-        mid = (lo + hi) // 2 // step * step or step
-        if mid <= lo:
+            return done(f"time budget reached between {lo} and {hi}")
+        mid = max((lo + hi) // 2 // step * step, lo + step)
+        if mid >= hi:
             break
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return {"largest_n": lo, "first_failing_n": hi, "exact": True, "step": step, "tries": tries}
+    return done()
 
 
 def part_c(v, device, have_pot, mem_cap, budget_s, quick):
-    starts = {"official": (64, 16), "pot": (64, 16), "sinkd-fused": (1024, 512), "sinkd": (1024, 512)}
+    starts = {"official": (32, 16), "pot": (32, 16), "sinkd-fused": (1024, 1024), "sinkd": (1024, 1024)}
     if quick:
         starts = {k: (16, 8) for k in starts}
     out = {"v": v, "mem_cap_bytes": mem_cap}
@@ -333,8 +381,8 @@ def part_d(device, cache, sequences, seq_len, ks, repeats):
     args.cache, args.sequences, args.seq_len = cache, sequences, seq_len
     try:
         zt, info = topk_bench.load_logits(args, device)
-    except (RuntimeError, OSError, ImportError) as err:
-        return {"status": f"teacher logits unavailable: {err}"}
+    except Exception as err:  # noqa: BLE001  (missing package, file or model support: report it, keep the table)
+        return {"status": f"teacher logits unavailable: {type(err).__name__}: {err}".splitlines()[0]}
     zs = topk_bench.student_from(zt, 1.0)
     return {"status": "ok", "info": info, "n": zt.shape[0], "v": zt.shape[1], "noise": 1.0,
             "rows": topk_bench.compare(zs, zt, ks, repeats)}
@@ -350,7 +398,9 @@ def fmt_mem(b):
 
 
 def report(res) -> str:
-    lines = [f"# gpu_bench — {res['machine']['where']}", f"Command: `{res['command']}`", ""]
+    load = res["machine"].get("loadavg_at_start")
+    lines = [f"# gpu_bench — {res['machine']['where']}", f"Command: `{res['command']}`",
+             f"Load average at start (1/5/15 min): {load}" if res["machine"]["device"] == "cpu" else "", ""]
     if "e" in res:
         lines += [f"## (e) kernel correctness vs float64 (seed {res['e']['seed']})", "",
                   "| check | rel. error | tolerance | ok |", "|---|---:|---:|---|"]
@@ -407,7 +457,7 @@ def report(res) -> str:
 
 def machine(device):
     info = {"device": device, "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
-            "triton_interpret": os.environ.get("TRITON_INTERPRET")}
+            "triton_interpret": os.environ.get("TRITON_INTERPRET"), "loadavg_at_start": os.getloadavg()}
     try:
         import triton
 
@@ -481,6 +531,7 @@ def main(argv=None):
             if not args.keep_going:
                 sys.exit(1)
     res["seconds"]["total"] = time.perf_counter() - started
+    res["machine"]["loadavg_at_end"] = os.getloadavg()
     out.write_text(json.dumps(res, indent=1, default=str) + "\n")
     print(report(res))
     print(f"wrote {out}", file=sys.stderr)

@@ -175,6 +175,7 @@ def main(argv=None):
     out = args.out or ROOT / "benchmarks" / "results" / f"topk_bench_{device.split(':')[0]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": command, "info": info, "noise": args.noise, "device": device,
+                               "loadavg_at_end": os.getloadavg(), "cpus": os.cpu_count(),
                                "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
     print(f"wrote {out}", file=sys.stderr)
 

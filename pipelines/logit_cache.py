@@ -122,7 +122,7 @@ def ensure_cache(cfg, task, teacher_dir: str) -> CacheInfo:
         scored = ds.map_batches(
             TeacherScorer, fn_constructor_kwargs={"teacher_dir": teacher_dir, "k": c.topk, "dtype": c.dtype,
                                                   "num_threads": max(1, int(c.num_cpus))},
-            batch_size=c.batch_size, batch_format="pyarrow", concurrency=c.concurrency,
+            batch_size=c.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=c.concurrency),
             num_cpus=c.num_cpus, **({"num_gpus": c.num_gpus} if c.num_gpus else {}))
         scored.write_parquet(str(tmp), partition_cols=["split"])
         rows = {s: task.splits[s].num_rows for s in SPLITS}

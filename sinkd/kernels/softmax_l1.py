@@ -15,7 +15,7 @@ import torch
 
 from . import l1
 
-ROW_BLOCK_ELEMENTS = 1 << 26  # entries of one (rows, V) temporary in the row-block loops (256 MiB fp32)
+ROW_BLOCK_ELEMENTS = 1 << 24  # entries of one (rows, V) temporary in the row-block loops (64 MiB fp32)
 
 
 def row_logsumexp(z: torch.Tensor, temperature: float) -> torch.Tensor:

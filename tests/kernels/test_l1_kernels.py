@@ -158,3 +158,27 @@ def test_tile_picking_path_times_clipped_problems_and_keeps_results(monkeypatch,
     assert {key[0] for key in k._BEST} == {"cost", "grad"}
     for g, r in zip(got, ref):
         assert rel(g, r) <= 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_loss_extra_memory_is_one_gradient_plus_a_few_plans_on_cuda():
+    """softmax_l1_cost + envelope Sinkhorn at 2048 x 32000: extra memory over the logits must be the
+    gradient buffer (4 N V bytes) plus O(N^2) (a handful of N x N fp32 matrices, the plan and its
+    products), plus the row-block temporaries of the softmax backward, nothing N x V more."""
+    from sinkd.kernels import softmax_l1
+
+    n, v = 2048, 32000
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    zs = torch.randn(n, v, device="cuda", generator=gen).requires_grad_()
+    zt = torch.randn(n, v, device="cuda", generator=gen)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    cost = softmax_l1.softmax_l1_cost(zs, zt, 2.0)
+    ones = torch.ones(n, device="cuda")
+    sinkd.sinkhorn(cost, 0.1, a=ones, b=ones, max_iter=20, grad="envelope").cost.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    row_block = 3 * 4 * softmax_l1.ROW_BLOCK_ELEMENTS
+    assert extra <= 4 * n * v + 8 * 4 * n * n + row_block, extra / 2**20
+    assert torch.isfinite(zs.grad).all() and zs.grad.abs().sum() > 0

@@ -170,3 +170,16 @@ def test_sliced_envelope_path_allocates_no_plan_sized_tensor_per_iteration():
     unsliced = [count(it, None) for it in (5, 50)]
     assert sliced[0] == sliced[1] <= 4, sliced  # the plan, P * C and its backward: a constant few
     assert unsliced[1] > unsliced[0], unsliced  # the one-piece loop makes N x M temporaries every iteration
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sliced_envelope_iterations_at_n8192_stay_within_a_few_plans_on_cuda():
+    n = 8192
+    cost = torch.rand(n, n, device="cuda", dtype=torch.float32).requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    sinkhorn(cost, 0.1, max_iter=20, grad="envelope").cost.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra <= 5 * 4 * n * n, extra / 2**20  # plan, P * C, its gradient, the cost's gradient, slices

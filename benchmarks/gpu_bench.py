@@ -357,10 +357,11 @@ def largest_n(impl, v, device, start, step, mem_cap, deadline):
     return done()
 
 
-def part_c(v, device, have_pot, mem_cap, budget_s, quick):
+def part_c(v, device, have_pot, mem_cap, budget_s, quick, impls):
     starts = {"official": (32, 16), "pot": (32, 16), "sinkd-fused": (1024, 1024), "sinkd": (1024, 1024)}
     if quick:
         starts = {k: (16, 8) for k in starts}
+    starts = {k: s for k, s in starts.items() if k in impls}
     out = {"v": v, "mem_cap_bytes": mem_cap}
     for impl, (start, step) in starts.items():
         if impl == "pot" and not have_pot:
@@ -437,8 +438,8 @@ def report(res) -> str:
         c = res["c"]
         cap = "" if c["mem_cap_bytes"] is None else f" (CPU: 'fits' = peak extra <= {fmt_mem(c['mem_cap_bytes'])})"
         lines += [f"## (c) largest N at V={c['v']}{cap}", "", "| impl | largest N | first failing N | tries | note |", "|---|---:|---:|---:|---|"]
-        for impl in IMPLS:
-            r = c.get(impl, {})
+        for impl in [k for k in IMPLS if k in c]:
+            r = c[impl]
             lines.append(f"| {impl} | {r.get('largest_n')} | {r.get('first_failing_n', '-')} | {len(r.get('tries', []))} | {r.get('note', '')} |")
         lines.append("")
     if "d" in res:
@@ -486,7 +487,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small sizes (the CPU proof run)")
     ap.add_argument("--parts", default="e,a,b,c,d", help="comma list of e,a,b,c,d (run in that order)")
     ap.add_argument("--seed", type=int, help="part e's seed (default: from the clock, printed)")
-    ap.add_argument("--search-seconds", type=float, default=None, help="part c: time budget per implementation")
+    ap.add_argument("--search-seconds", type=float, default=None, help="part c: time budget per implementation (default 120 on CUDA)")
+    ap.add_argument("--c-impls", default=",".join(IMPLS), help="part c: implementations to search (comma list)")
     ap.add_argument("--mem-cap-mib", type=float, default=None, help="part c on CPU: a try fits when its peak extra RSS is below this")
     ap.add_argument("--teacher-cache", help="part d: teacher logits file from topk_bench.py --save-cache (else the live teacher)")
     ap.add_argument("--topk-sequences", type=int, help="part d: sequences of real text (default 2, quick 1)")
@@ -494,6 +496,9 @@ def main(argv=None):
     ap.add_argument("--keep-going", action="store_true", help="do not stop after a failed correctness check")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    unknown = sorted(set(args.c_impls.split(",")) - set(IMPLS)) + sorted(set(args.parts.split(",")) - set("eabcd"))
+    if unknown:
+        ap.error(f"unknown --c-impls / --parts entries {unknown}; valid: {', '.join(IMPLS)} / e,a,b,c,d")
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_bench: --device cuda but torch.cuda.is_available() is False")
@@ -518,7 +523,7 @@ def main(argv=None):
         elif part == "c":
             cap = None if device == "cuda" else int((args.mem_cap_mib or 16) * 2**20)
             budget = args.search_seconds or (120.0 if device == "cuda" else 30.0)
-            res["c"] = part_c(sizes["c_vocab"], device, have_pot, cap, budget, args.quick or device == "cpu")
+            res["c"] = part_c(sizes["c_vocab"], device, have_pot, cap, budget, args.quick or device == "cpu", args.c_impls.split(","))
         elif part == "d":
             res["d"] = part_d(device, args.teacher_cache, args.topk_sequences or sizes["topk"][0],
                               args.topk_seq_len or sizes["topk"][1], [64, 256, 1024], sizes["repeats"])

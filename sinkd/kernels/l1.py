@@ -94,9 +94,10 @@ def _l1_grad_kernel(
         if LOGITS:
             lse_b = tl.load(lb_ptr + bat * nb + rows, mask=b_ok, other=0.0)[:, None]
             bt = tl.where(b_ok[:, None] & d_ok, tl.exp(bt * inv_t - lse_b), 0.0)
-        diff = at[:, None, :] - bt[None, :, :]
-        w3 = wt[:, :, None]
-        acc += tl.where(diff > 0, w3, 0.0) - tl.where(diff < 0, w3, 0.0)
+        a3 = at[:, None, :]
+        b3 = bt[None, :, :]
+        # +w, -w or 0 (ties, as cdist's backward): two compares and two selects, -w shared across BLOCK_D.
+        acc += tl.where(a3 > b3, wt[:, :, None], tl.where(a3 < b3, -wt[:, :, None], 0.0))
     grad = tl.sum(acc, axis=1)
     o_ptrs = o_ptr + bat * sob + ra.to(tl.int64)[:, None] * son + cols[None, :] * sod
     tl.store(o_ptrs, grad.to(o_ptr.dtype.element_ty), mask=a_ok & d_ok)

@@ -140,7 +140,7 @@ def _pick(key, configs, launch_clipped):
 
 
 def _size_class(*sizes: int) -> int:
-    """Autotuning key: one tuning per power-of-two bucket of each size, not per exact shape."""
+    """Tile-picking key: one pick per power-of-two bucket of each size, not per exact shape."""
     return sum(max(s, 1).bit_length() << (6 * k) for k, s in enumerate(sizes))
 
 
@@ -164,7 +164,7 @@ def _logit_args(lse_a, lse_b, a, b, temperature):
 
 
 def l1_cost(x: torch.Tensor, y: torch.Tensor, lse_x=None, lse_y=None, temperature: float = 1.0, **blocks) -> torch.Tensor:
-    """fp32 (B, n, m) cost. blocks: BLOCK_N/BLOCK_M/BLOCK_D (and num_warps) to bypass autotuning.
+    """fp32 (B, n, m) cost. blocks: BLOCK_N/BLOCK_M/BLOCK_D (and num_warps) to bypass tile picking.
     lse_x, lse_y: row logsumexp(z / temperature) (B, rows) when x, y are logits (LOGITS mode)."""
     _check(x, y)
     lx, ly, inv_t, logits = _logit_args(lse_x, lse_y, x, y, temperature)

@@ -146,7 +146,7 @@ def test_e2e_zero2_two_workers_from_the_logit_cache(local_ray, tmp_path, tiny_ll
     from pipelines.config import Config
     from pipelines.job import run_job
 
-    raw = job(tmp_path, tiny_llama, wiki_path, shared_cache, **{"train.epochs": 1})
+    raw = job(tmp_path, tiny_llama, wiki_path, shared_cache, **{"train.epochs": 1, "objective.sinkhorn.topk": 16})
     before = sorted(p.name for p in shared_cache.iterdir())
     results = run_job(Config.from_dict(raw), raw, show_progress=False)
     assert sorted(p.name for p in shared_cache.iterdir()) == before

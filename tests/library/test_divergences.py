@@ -7,7 +7,6 @@ import torch
 
 from sinkd import divergence
 
-torch.set_default_dtype(torch.float64)
 
 
 def logits(seed, *shape, scale=2.0):

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 
 from sinkd import DistillationObjective, ObjectiveConfig, SinkhornConfig, divergence, sinkhorn_loss
 
-torch.set_default_dtype(torch.float64)
 
 
 def logits(seed, *shape):

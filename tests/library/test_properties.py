@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 
 from sinkd import DIVERGENCES, SinkhornConfig, divergence, sinkhorn_loss
 
-torch.set_default_dtype(torch.float64)
 
 sizes = st.tuples(st.integers(1, 6), st.integers(1, 6))
 scales = st.sampled_from([0.1, 1.0, 10.0, 1e4])

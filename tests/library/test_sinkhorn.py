@@ -7,7 +7,6 @@ import torch
 
 from sinkd import sinkhorn
 
-torch.set_default_dtype(torch.float64)
 
 
 def random_problem(seed, n, m, uniform=False):

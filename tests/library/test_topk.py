@@ -5,7 +5,6 @@ import torch
 
 from sinkd import SinkhornConfig, TopKDistribution, sinkhorn_loss, topk_l1_cost
 
-torch.set_default_dtype(torch.float64)
 
 
 def probs(seed, n, v, scale=2.0):

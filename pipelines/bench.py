@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
            "examples": task.splits["train"].num_rows, "max_length": base.data.max_length,
            "batch_size_global": base.train.batch_size * base.scaling.num_workers,
            "bare": bare_loop(base, task, teacher_dir, args.cpus), "pipeline": []}
-    ray.init(address="local", num_cpus=args.cpus + 1, object_store_memory=512 * 2**20)
+    from .job import init_local_ray
+
+    init_local_ray(num_cpus=args.cpus + 1, object_store_memory=512 * 2**20)
     try:
         for workers in args.workers:
             cfg = copy.deepcopy(base)

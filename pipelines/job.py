@@ -119,6 +119,36 @@ def prepare_run_dir(cfg: Config, raw: dict) -> None:
     target.write_text(text)
 
 
+def init_local_ray(**kwargs) -> None:
+    """`ray.init(address="local")` with the new cluster's own address in RAY_ADDRESS for its processes.
+
+    Code inside a Ray cluster that calls the state API without an address (Ray Train V2's
+    PlacementGroupCleaner among it) finds its cluster by scanning the machine and fails when two Ray
+    instances run there; the placement group of every Tune trial that ASHA stops then leaks, until the
+    next trial's data tasks find no CPU and wait forever. The GCS port is chosen here, so the raylet
+    and workers (started by ray.init, with this environment) know their cluster; the driver's own
+    environment is restored afterwards.
+    """
+    import socket
+
+    import ray
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    saved = {key: os.environ.get(key) for key in ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")}
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
+    try:
+        ray.init(address="local", **kwargs)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @contextlib.contextmanager
 def ray_session(cfg: Config):
     """Join the running Ray (tests, notebooks), a cluster (ray.address), or start a local one."""
@@ -135,12 +165,15 @@ def ray_session(cfg: Config):
     kwargs = {"address": cfg.ray.address, "log_to_driver": True}
     if cfg.ray.address is None and os.environ.get("RAY_ADDRESS"):
         kwargs["address"] = os.environ["RAY_ADDRESS"]  # a `ray job submit` entrypoint: join its cluster
-    elif cfg.ray.address is None:
-        # "local": a fresh instance even when a `ray start` node runs on this machine (ray.init()
-        # would silently join the latest one).
-        kwargs.update(address="local", num_cpus=cfg.ray.num_cpus or (os.cpu_count() or 1) + 1,
-                      object_store_memory=cfg.ray.object_store_memory_mb * 2**20 if cfg.ray.object_store_memory_mb else None)
-    ray.init(**kwargs)
+    if kwargs["address"] is None:
+        # A fresh local instance, even when a `ray start` node runs on this machine (a plain
+        # ray.init() would silently join the latest one).
+        kwargs.pop("address")
+        init_local_ray(num_cpus=cfg.ray.num_cpus or (os.cpu_count() or 1) + 1,
+                       object_store_memory=cfg.ray.object_store_memory_mb * 2**20 if cfg.ray.object_store_memory_mb else None,
+                       **kwargs)
+    else:
+        ray.init(**kwargs)
     try:
         yield
     finally:

@@ -123,3 +123,17 @@ def test_yaml_syntax_and_missing_file_errors(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_local_ray_processes_know_their_own_cluster(ray_session):
+    """init_local_ray puts the new cluster's address in its workers' RAY_ADDRESS (state-API calls
+    inside the cluster must not scan the machine, where other Ray instances may run), and leaves
+    the driver's environment as it was."""
+    import os
+
+    @ray_session.remote(num_cpus=0)
+    def worker_ray_address():
+        return os.environ.get("RAY_ADDRESS")
+
+    assert ray_session.get(worker_ray_address.remote()) == ray_session.get_runtime_context().gcs_address
+    assert "RAY_GCS_SERVER_PORT" not in os.environ

@@ -158,20 +158,13 @@ def plan_parts(cfg):
 
 
 def stage_meta(cfg, task, stage):
-    from .data import batches_per_shard, load_tokenizer, padded_rows
-    from .train import TaskMeta
+    from .data import load_tokenizer
+    from .train import TaskMeta, epoch_shape
 
     tok = load_tokenizer(stage.model_path)
-    world, t = cfg.scaling.num_workers, stage.train
-    rows = task.splits["train"].num_rows
-    batches = batches_per_shard(rows + padded_rows(rows, world), world, t.batch_size)
-    steps = math.ceil(batches / t.grad_accum)
-    if t.max_steps_per_epoch:
-        steps = min(steps, t.max_steps_per_epoch)
-    ids = task.splits["train"]["id"].to_numpy().astype("float64")
+    batches, steps, id_sums = epoch_shape(cfg, task, stage.train)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return TaskMeta(KIND, task.vocab_size, None, None, METRICS, batches, steps, pad if pad is not None else 0,
-                    [float(len(ids)), float(ids.sum()), float((ids ** 2).sum())])
+    return TaskMeta(KIND, task.vocab_size, None, None, METRICS, batches, steps, pad if pad is not None else 0, id_sums)
 
 
 def ray_datasets(cfg, task, stage) -> dict:

@@ -357,6 +357,19 @@ def _write_meta(path: Path, hf, stage: Stage, meta: TaskMeta) -> None:
 # ----------------------------------------------------------------------------- driver side
 
 
+def epoch_shape(cfg: Config, task, t: TrainConfig) -> tuple[int, int, list[float]]:
+    """Micro-batches per rank, optimizer steps per epoch, and the (count, sum, sum of squares) of the
+    training ids that the exactly-once check compares against; the same for every task type."""
+    world = cfg.scaling.num_workers
+    rows = task.splits["train"].num_rows
+    batches = batches_per_shard(rows + padded_rows(rows, world), world, t.batch_size)
+    steps = math.ceil(batches / t.grad_accum)
+    if t.max_steps_per_epoch:
+        steps = min(steps, t.max_steps_per_epoch)
+    ids = task.splits["train"]["id"].to_numpy().astype("float64")
+    return batches, steps, [float(len(ids)), float(ids.sum()), float((ids ** 2).sum())]
+
+
 def stage_meta(cfg: Config, task, stage: Stage) -> TaskMeta:
     from .data import load_tokenizer
     from .models import label_token_ids, model_kind
@@ -369,16 +382,9 @@ def stage_meta(cfg: Config, task, stage: Stage) -> TaskMeta:
     tok = load_tokenizer(stage.model_path)
     words = cfg.data.label_words or task.label_names
     label_ids = label_token_ids(tok, words) if kind == "seq2seq" else None
-    world, t = cfg.scaling.num_workers, stage.train
-    rows = task.splits["train"].num_rows
-    batches = batches_per_shard(rows + padded_rows(rows, world), world, t.batch_size)
-    steps = math.ceil(batches / t.grad_accum)
-    if t.max_steps_per_epoch:
-        steps = min(steps, t.max_steps_per_epoch)
-    ids = task.splits["train"]["id"].to_numpy().astype("float64")
+    batches, steps, id_sums = epoch_shape(cfg, task, stage.train)
     return TaskMeta(kind, task.num_labels, task.label_names, label_ids, metric_names(task.task, task.num_labels),
-                    batches, steps, tok.pad_token_id if tok.pad_token_id is not None else 0,
-                    [float(len(ids)), float(ids.sum()), float((ids ** 2).sum())])
+                    batches, steps, tok.pad_token_id if tok.pad_token_id is not None else 0, id_sums)
 
 
 def fit_stage(cfg: Config, task, stage: Stage, show_progress: bool = True, callbacks: list | None = None):

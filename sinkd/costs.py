@@ -94,26 +94,37 @@ def _triton_ok(x: torch.Tensor) -> bool:
     return x.dtype in KERNEL_DTYPES and kernels.usable_on(x)
 
 
-def l1_cost(x: torch.Tensor, y: torch.Tensor, *, impl: str = "auto", block_elements: int | None = None) -> torch.Tensor:
-    """Pairwise L1 distances (..., n, m). impl: "triton" (fused kernels: CUDA, or CPU under
-    TRITON_INTERPRET=1; fp32 cost), "chunked" (tiled PyTorch backward, O(N*V + N^2) memory),
-    "dense" (autograd through cdist), "auto": dense on CPU, whose cdist backward accumulates into
-    (N, V) and is faster; on CUDA triton when importable (fp32/bf16/fp16 inputs), else chunked,
-    since CUDA's cdist backward allocates N*N*V."""
-    check_choice("impl", impl, L1_IMPLS)
-    if block_elements is not None:
-        check_int_at_least("block_elements", block_elements, 1)
+def l1_backend(x: torch.Tensor, impl: str = "auto") -> str:
+    """Which L1 implementation `impl` means for inputs like x: "dense", "chunked" or "triton".
+    "auto": dense on CPU, whose cdist backward accumulates into (N, V) and is faster; on CUDA
+    triton when importable (fp32/bf16/fp16 inputs), else chunked, since CUDA's cdist backward
+    allocates N*N*V. "triton" where the kernels cannot run is an error."""
+    check_choice("l1_impl", impl, L1_IMPLS)
     if impl == "dense" or (impl == "auto" and not x.is_cuda):
-        return torch.cdist(x, y, p=1)
+        return "dense"
     if impl == "triton" and not _triton_ok(x):
         raise ValueError(
             f"l1_impl: 'triton' needs the triton package and fp32/bf16/fp16 CUDA tensors (or TRITON_INTERPRET=1 "
             f"set before triton is imported), got {x.dtype} on {x.device}"
         )
+    if impl == "triton" or (impl == "auto" and _triton_ok(x)):
+        return "triton"
+    return "chunked"
+
+
+def l1_cost(x: torch.Tensor, y: torch.Tensor, *, impl: str = "auto", block_elements: int | None = None) -> torch.Tensor:
+    """Pairwise L1 distances (..., n, m). impl: "triton" (fused kernels: CUDA, or CPU under
+    TRITON_INTERPRET=1; fp32 cost), "chunked" (tiled PyTorch backward, O(N*V + N^2) memory),
+    "dense" (autograd through cdist), "auto": see `l1_backend`."""
+    backend = l1_backend(x, impl)
+    if block_elements is not None:
+        check_int_at_least("block_elements", block_elements, 1)
+    if backend == "dense":
+        return torch.cdist(x, y, p=1)
     lead = x.shape[:-2]
     x3 = x.reshape(-1, *x.shape[-2:])
     y3 = y.reshape(-1, *y.shape[-2:])
-    if impl == "triton" or (impl == "auto" and _triton_ok(x)):
+    if backend == "triton":
         return TritonL1.apply(x3, y3).reshape(*lead, x.shape[-2], y.shape[-2])
     block = block_elements or (CUDA_BLOCK_ELEMENTS if x.is_cuda else DEFAULT_BLOCK_ELEMENTS)
     return ChunkedL1.apply(x3, y3, block).reshape(*lead, x.shape[-2], y.shape[-2])

@@ -23,7 +23,7 @@ from ._checks import (
     check_open_unit,
     check_positive,
 )
-from .costs import COSTS, L1_IMPLS, cost_matrix
+from .costs import COSTS, L1_IMPLS, cost_matrix, l1_backend
 from .sinkhorn import GRAD_MODES, sinkhorn
 from .topk import TopKDistribution, topk_l1_cost
 from .topk_teacher import check_topk_teacher, select_rows, tempered_distribution, truncate
@@ -142,6 +142,8 @@ def sinkhorn_loss(
         zs, zt = zs[flat_mask], zt[flat_mask]
     if config.mode == "sample":
         return _sample_wise(zs, zt, config)
+    if config.cost == "l1" and config.topk is None and l1_backend(zs, config.l1_impl) == "triton":
+        return _batch_wise(zs, zt, config, from_logits=True)
     ps = torch.softmax(zs / config.temperature, dim=-1)
     pt = torch.softmax(zt / config.temperature, dim=-1)
     return _batch_wise(ps, pt, config)
@@ -154,7 +156,8 @@ def _blocks_of(x, start: int, stop: int, size: int):
     return x[start:stop].reshape((stop - start) // size, size, *x.shape[1:])
 
 
-def _batch_wise(ps: torch.Tensor, pt, config: SinkhornConfig) -> torch.Tensor:
+def _batch_wise(ps: torch.Tensor, pt, config: SinkhornConfig, from_logits: bool = False) -> torch.Tensor:
+    """ps, pt: probabilities (N, V), or logits when from_logits (the fused Triton L1 path)."""
     n = ps.shape[0]
     group = n if config.group_size is None else min(config.group_size, n)
     full = (n // group) * group
@@ -166,14 +169,20 @@ def _batch_wise(ps: torch.Tensor, pt, config: SinkhornConfig) -> torch.Tensor:
         size = group if start == 0 else rows
         xs = _blocks_of(ps, start, stop, size)
         xt = _blocks_of(pt, start, stop, size)
-        total = total + _block_loss(xs, xt, config) * (size / n if config.normalization == "uniform" else 1.0)
+        total = total + _block_loss(xs, xt, config, from_logits) * (size / n if config.normalization == "uniform" else 1.0)
     return total
 
 
-def _block_loss(xs: torch.Tensor, xt, config: SinkhornConfig) -> torch.Tensor:
+def _block_loss(xs: torch.Tensor, xt, config: SinkhornConfig, from_logits: bool = False) -> torch.Tensor:
     """Sum over blocks (B, G, V) of the block's sum(P * C), marginals uniform within the block or plain.
-    xt: dense teacher probabilities (B, G, V), or a top-k teacher with fields (B, G, k) / (B, G)."""
-    if isinstance(xt, TopKDistribution):
+    xt: dense teacher probabilities (B, G, V), or a top-k teacher with fields (B, G, k) / (B, G).
+    from_logits: xs and xt are logits and the L1 cost is built from them by the Triton kernels, so
+    that no softmax output is stored for the backward (extra memory one N x V gradient + O(N^2))."""
+    if from_logits:
+        from .kernels import softmax_l1_cost
+
+        cost = softmax_l1_cost(xs, xt, config.temperature)
+    elif isinstance(xt, TopKDistribution):
         k = config.topk or xt.ids.shape[-1]
         cost = torch.stack([topk_l1_cost(s, TopKDistribution(*t), k) for s, t in zip(xs, zip(*xt))])
     elif config.topk is not None:

@@ -64,20 +64,47 @@ def test_ties_give_zero_sign_like_cdist():
     assert k.l1_grad(x, y, w, "x").cpu().tolist() == [[[3.0, -2.0, -3.0]]]
 
 
-def test_autograd_function_matches_chunked_path_through_the_loss():
+def graph_names(tensor):
+    """Names of every autograd node behind tensor."""
+    names, stack, seen = set(), [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize(
+    "dtype, options, masked",
+    [
+        (torch.float32, {}, False),
+        (torch.float32, {"group_size": 8}, True),  # 2 blocks of 8 + a remainder block of the 19 kept rows
+        (torch.bfloat16, {"normalization": "uniform", "temperature": 1.0}, False),
+    ],
+)
+def test_triton_l1_loss_is_built_from_logits_and_matches_the_float64_chunked_path(dtype, options, masked):
+    """sinkhorn_loss with the Triton L1 backend takes the fused logits path (SoftmaxL1: no softmax output
+    kept for the backward) and gives the loss and both gradients of the float64 chunked path."""
     gen = torch.Generator().manual_seed(2)
-    zs = torch.randn(21, 45, generator=gen, dtype=torch.float32).to(DEVICE)
-    zt = torch.randn(21, 45, generator=gen, dtype=torch.float32).to(DEVICE)
-    grads = {}
-    for impl in ("triton", "chunked"):
-        s, t = zs.clone().requires_grad_(), zt.clone().requires_grad_()
-        loss = sinkd.sinkhorn_loss(s, t, sinkd.SinkhornConfig.paper(l1_impl=impl))
-        loss.backward()
-        grads[impl] = (float(loss.detach()), s.grad, t.grad)
-    (v_tri, gs_tri, gt_tri), (v_chk, gs_chk, gt_chk) = grads["triton"], grads["chunked"]
-    assert abs(v_tri - v_chk) <= 1e-5 * abs(v_chk)
-    torch.testing.assert_close(gs_tri, gs_chk, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(gt_tri, gt_chk, rtol=1e-4, atol=1e-7)
+    zs = (2 * torch.randn(3, 7, 45, generator=gen)).to(DEVICE, dtype)
+    zt = (2 * torch.randn(3, 7, 45, generator=gen)).to(DEVICE, dtype)
+    mask = (torch.rand(3, 7, generator=gen) > 0.1).to(DEVICE) if masked else None
+    config = sinkd.SinkhornConfig.paper(**options)
+    s, t = zs.clone().requires_grad_(), zt.clone().requires_grad_()
+    loss = sinkd.sinkhorn_loss(s, t, config, mask=mask, l1_impl="triton")
+    assert "SoftmaxL1Backward" in graph_names(loss) and "SoftmaxBackward0" not in graph_names(loss)
+    loss.backward()
+    s64, t64 = zs.double().cpu().requires_grad_(), zt.double().cpu().requires_grad_()
+    mask64 = None if mask is None else mask.cpu()
+    ref = sinkd.sinkhorn_loss(s64, t64, config, mask=mask64, l1_impl="chunked")
+    ref.backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert abs(float(loss.detach()) - float(ref.detach())) <= tol * abs(float(ref.detach()))
+    assert rel(s.grad, s64.grad) <= 10 * tol and rel(t.grad, t64.grad) <= 10 * tol
+    assert s.grad.dtype == dtype
 
 
 def test_function_skips_the_frozen_side_and_handles_leading_dimensions():
@@ -162,9 +189,10 @@ def test_tile_picking_path_times_clipped_problems_and_keeps_results(monkeypatch,
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fused_loss_extra_memory_is_one_gradient_plus_a_few_plans_on_cuda():
-    """softmax_l1_cost + envelope Sinkhorn at 2048 x 32000: extra memory over the logits must be the
-    gradient buffer (4 N V bytes) plus O(N^2) (a handful of N x N fp32 matrices, the plan and its
-    products), plus the row-block temporaries of the softmax backward, nothing N x V more."""
+    """sinkhorn_loss (auto = the fused logits path on CUDA) with the envelope gradient at 2048 x 32000:
+    extra memory over the logits must be the gradient buffer (4 N V bytes) plus O(N^2) (a handful of
+    N x N fp32 matrices, the plan and its products), plus the row-block temporaries of the softmax
+    backward, nothing N x V more."""
     from sinkd.kernels import softmax_l1
 
     n, v = 2048, 32000
@@ -174,9 +202,9 @@ def test_fused_loss_extra_memory_is_one_gradient_plus_a_few_plans_on_cuda():
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    cost = softmax_l1.softmax_l1_cost(zs, zt, 2.0)
-    ones = torch.ones(n, device="cuda")
-    sinkd.sinkhorn(cost, 0.1, a=ones, b=ones, max_iter=20, grad="envelope").cost.backward()
+    loss = sinkd.sinkhorn_loss(zs, zt, sinkd.SinkhornConfig.paper(grad="envelope"))
+    assert "SoftmaxL1Backward" in graph_names(loss)
+    loss.backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     row_block = 3 * 4 * softmax_l1.ROW_BLOCK_ELEMENTS

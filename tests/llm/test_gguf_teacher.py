@@ -7,7 +7,7 @@ import math
 
 import pyarrow as pa
 
-from conftest import GGUF_NAME, package_dir
+from llm_helpers import GGUF_NAME, package_dir
 
 
 def test_gguf_teacher_loads_and_scores_a_wikipedia_slice(smollm2_dir, wiki_path):

@@ -13,7 +13,7 @@ import torch
 from sinkd import DistillationObjective, ObjectiveConfig, SinkhornConfig, TopKDistribution
 from sinkd.topk_teacher import teacher_topk
 
-from conftest import make_tiny_llama
+from llm_helpers import make_tiny_llama
 
 V = 49152
 

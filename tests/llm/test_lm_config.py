@@ -9,7 +9,7 @@ import pytest
 
 from pipelines.config import Config, ConfigError
 
-from conftest import GGUF_NAME, make_tiny_llama, package_dir
+from llm_helpers import GGUF_NAME, make_tiny_llama, package_dir
 
 
 def base(tmp_path, teacher, wiki_path, **over) -> dict:

@@ -149,26 +149,27 @@ def sinkhorn_loss(
     return _batch_wise(ps, pt, config)
 
 
-def _blocks_of(x, start: int, stop: int, size: int):
-    """Rows start:stop as (blocks, size, ...) for a dense tensor or each field of a TopKDistribution."""
+def _row_blocks(x, group: int) -> list:
+    """x's rows (N, ...) as [(N // group, group, ...), (1, remainder, ...)] (the second only if any), for a
+    dense tensor or each field of a TopKDistribution. Views when group divides N; else one torch.split,
+    whose backward is one concatenation: slices would each allocate a zero gradient of x's full size."""
     if isinstance(x, TopKDistribution):
-        return TopKDistribution(*(_blocks_of(t, start, stop, size) for t in x))
-    return x[start:stop].reshape((stop - start) // size, size, *x.shape[1:])
+        return [TopKDistribution(*fields) for fields in zip(*(_row_blocks(t, group) for t in x))]
+    n = x.shape[0]
+    full = n // group * group
+    if full == n:
+        return [x.reshape(n // group, group, *x.shape[1:])]
+    head, tail = torch.split(x, [full, n - full])
+    return [head.reshape(full // group, group, *x.shape[1:]), tail.unsqueeze(0)]
 
 
 def _batch_wise(ps: torch.Tensor, pt, config: SinkhornConfig, from_logits: bool = False) -> torch.Tensor:
     """ps, pt: probabilities (N, V), or logits when from_logits (the fused Triton L1 path)."""
     n = ps.shape[0]
     group = n if config.group_size is None else min(config.group_size, n)
-    full = (n // group) * group
     total = ps.new_zeros(())
-    for start, stop in ((0, full), (full, n)):
-        rows = stop - start
-        if rows == 0:
-            continue
-        size = group if start == 0 else rows
-        xs = _blocks_of(ps, start, stop, size)
-        xt = _blocks_of(pt, start, stop, size)
+    for xs, xt in zip(_row_blocks(ps, group), _row_blocks(pt, group)):
+        size = xs.shape[1]
         total = total + _block_loss(xs, xt, config, from_logits) * (size / n if config.normalization == "uniform" else 1.0)
     return total
 

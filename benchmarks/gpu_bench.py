@@ -13,7 +13,8 @@ Parts (run in this order; e first, and a failed check stops the run with exit st
      over max abs reference).
   a  fp32 arithmetic floor (fp32 matmul TFLOP/s, TF32 off, measured here) and the L1 loss
      forward+backward at N x V (8192 x 151,936 on CUDA): time vs 1.5 x (5 N^2 V / floor), extra
-     memory vs 4 N V bytes + O(N^2).
+     memory vs 4 N V bytes + O(N^2). Also the plain fp32 add rate (a Triton kernel of independent
+     add chains), the other reading of "fp32 rate": an FMA counts two operations, an add one.
   b  256 x 32,000: official formulation vs POT vs sinkd, time and peak memory, speed-up and ratio.
   c  largest N at V=151,936 that fits, per implementation (OOM caught, memory freed between tries).
   d  top-k (k = 64, 256, 1024) time and error vs the full vocabulary on SmolLM2-135M logits.
@@ -47,15 +48,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import loss_bench  # noqa: E402  (official formulation, POT wrapper, RSS helpers)
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 import sinkd  # noqa: E402
 from sinkd.kernels import softmax_l1_cost  # noqa: E402
 
 EPS, ITERS, TEMP = 0.1, 20, 2.0
 FULL = {"a": (8192, 151_936), "b": (256, 32_000), "c_vocab": 151_936,
         "e": [(1, 1000, 777, 4099), (2, 257, 129, 32_000), (1, 64, 48, 3001)],
-        "matmul": 8192, "repeats": 3, "topk": (2, 256)}
+        "matmul": 8192, "add": (132 * 16 * 1024, 32768), "repeats": 3, "topk": (2, 256)}
 QUICK = {"a": (40, 400), "b": (32, 600), "c_vocab": 300, "e": [(1, 37, 29, 301), (2, 19, 23, 77)],
-         "matmul": 512, "repeats": 1, "topk": (1, 128)}
+         "matmul": 512, "add": (2048, 4), "repeats": 1, "topk": (1, 128)}
 
 
 # ---------------------------------------------------------------- implementations
@@ -241,22 +245,58 @@ def fp32_matmul_tflops(size, device, repeats=10):
         a = torch.randn(size, size, device=device)
         b = torch.randn(size, size, device=device)
         a @ b
-        sync(device)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            a @ b
-            sync(device)
-            times.append(time.perf_counter() - t0)
+        times = [_timed_call(lambda: a @ b, device) for _ in range(repeats)]
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
     return 2 * size**3 / statistics.median(times) / 1e12
 
 
-def part_a(n, v, device, matmul_size, repeats, impls):
+@triton.jit
+def _fadd_chains(out_ptr, step, iters, BLOCK: tl.constexpr):
+    """8 independent chains of fp32 adds per element: no FMA to pair them, no reassociation allowed."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    a0 = offs.to(tl.float32) * 1e-7
+    a1, a2, a3, a4, a5, a6, a7 = a0 + 1, a0 + 2, a0 + 3, a0 + 4, a0 + 5, a0 + 6, a0 + 7
+    for _ in range(iters):
+        a0 += step
+        a1 += step
+        a2 += step
+        a3 += step
+        a4 += step
+        a5 += step
+        a6 += step
+        a7 += step
+    tl.store(out_ptr + offs, a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7)
+
+
+def fp32_add_tops(device, elements, iters, repeats=5):
+    """Plain fp32 add rate (one operation an instruction, where the matmul rate counts an FMA as two):
+    the rate the L1 kernels' subtract / |.| / compare / select work issues at."""
+    block = 1024
+    out = torch.empty(elements, device=device)
+    grid = (elements // block,)
+    def launch():
+        _fadd_chains[grid](out, 1e-3, iters, BLOCK=block, num_warps=8, enable_fp_fusion=False)
+
+    launch()  # compiles
+    times = [_timed_call(launch, device) for _ in range(repeats)]
+    return 8 * elements * iters / statistics.median(times) / 1e12
+
+
+def _timed_call(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def part_a(n, v, device, matmul_size, repeats, impls, add_size):
     tflops = fp32_matmul_tflops(matmul_size, device)
+    add_tops = fp32_add_tops(device, *add_size)
     ops = 5 * n * n * v
     floor_ms = ops / (tflops * 1e12) * 1e3
+    add_floor_ms = ops / (add_tops * 1e12) * 1e3
     budget_bytes = 4 * n * v
     rows = []
     for impl in impls:
@@ -269,9 +309,11 @@ def part_a(n, v, device, matmul_size, repeats, impls):
         row = {"impl": impl, "n": n, "v": v, "status": status, **r}
         if r:
             row.update(ratio_to_floor=r["ms"] / floor_ms, meets_time=r["ms"] <= 1.5 * floor_ms,
+                       ratio_to_add_floor=r["ms"] / add_floor_ms,
                        extra_over_4nv_in_n2_floats=(r["peak_extra_bytes"] - budget_bytes) / (4 * n * n))
         rows.append(row)
-    return {"fp32_matmul_tflops": tflops, "matmul_size": matmul_size, "ops_5n2v": ops, "floor_ms": floor_ms,
+    return {"fp32_matmul_tflops": tflops, "matmul_size": matmul_size, "fp32_add_tops": add_tops, "add_floor_ms": add_floor_ms,
+            "ops_5n2v": ops, "floor_ms": floor_ms,
             "target_ms": 1.5 * floor_ms, "budget_4nv_bytes": budget_bytes, "rows": rows}
 
 
@@ -415,14 +457,16 @@ def report(res) -> str:
                   f"fp32 matmul (TF32 off, {a['matmul_size']}^3): {a['fp32_matmul_tflops']:.2f} TFLOP/s; "
                   f"5 N^2 V = {a['ops_5n2v']:.3e} ops -> floor {a['floor_ms']:.1f} ms, target 1.5x = {a['target_ms']:.1f} ms; "
                   f"memory budget 4 N V = {fmt_mem(a['budget_4nv_bytes'])} + O(N^2) (N^2 fp32 = {fmt_mem(4 * a['rows'][0]['n'] ** 2)})", "",
-                  "| impl | status | ms fwd+bwd | x floor | <= 1.5x floor | extra memory | (extra - 4NV) / (4 N^2) |",
-                  "|---|---|---:|---:|---|---:|---:|"]
+                  f"Second reading of 'fp32 rate': plain fp32 adds (an add is one op, an FMA two): {a['fp32_add_tops']:.2f} Tops/s "
+                  f"-> 5 N^2 V takes {a['add_floor_ms']:.1f} ms ('x add floor').", "",
+                  "| impl | status | ms fwd+bwd | x floor | <= 1.5x floor | x add floor | extra memory | (extra - 4NV) / (4 N^2) |",
+                  "|---|---|---:|---:|---|---:|---:|---:|"]
         for r in a["rows"]:
             if "ms" in r:
                 lines.append(f"| {r['impl']} | {r['status']} | {r['ms']:.1f} | {r['ratio_to_floor']:.2f} | {r['meets_time']} | "
-                             f"{fmt_mem(r['peak_extra_bytes'])} | {r['extra_over_4nv_in_n2_floats']:.1f} |")
+                             f"{r['ratio_to_add_floor']:.2f} | {fmt_mem(r['peak_extra_bytes'])} | {r['extra_over_4nv_in_n2_floats']:.1f} |")
             else:
-                lines.append(f"| {r['impl']} | {r['status']} | - | - | - | - | - |")
+                lines.append(f"| {r['impl']} | {r['status']} | - | - | - | - | - | - |")
         lines.append("")
     if "b" in res:
         b = res["b"]
@@ -519,7 +563,7 @@ def main(argv=None):
             seed = args.seed if args.seed is not None else int(time.time()) % 1_000_000
             res["e"] = {"seed": seed, "checks": part_e(sizes["e"], device, seed)}
         elif part == "a":
-            res["a"] = part_a(*sizes["a"], device, sizes["matmul"], sizes["repeats"], ["sinkd", "sinkd-unrolled"])
+            res["a"] = part_a(*sizes["a"], device, sizes["matmul"], sizes["repeats"], ["sinkd", "sinkd-unrolled"], sizes["add"])
         elif part == "b":
             res["b"] = part_b(*sizes["b"], device, sizes["repeats"], have_pot)
         elif part == "c":

@@ -177,7 +177,7 @@ def l1_cost(x: torch.Tensor, y: torch.Tensor, lse_x=None, lse_y=None, temperatur
 
     def launch(a, meta):  # a: the argument tuple, (x, y, cost, lx, ly, inv_t, n, m, d, ...)
         grid = (triton.cdiv(a[6], meta["BLOCK_N"]), triton.cdiv(a[7], meta["BLOCK_M"]), a[2].shape[0])
-        _l1_cost_kernel[grid](*a, LOGITS=logits, **meta)
+        _l1_cost_kernel[grid](*a, LOGITS=logits, enable_fp_fusion=True, **meta)  # explicit: Triton 3.9 warns when unset
 
     if blocks or (interpreting() and not TUNE_IN_INTERPRETER):
         launch(args, {**INTERPRET_COST_BLOCKS, **blocks})
@@ -219,7 +219,7 @@ def l1_grad(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, side: str, 
 
     def launch(g, meta):  # g: the argument tuple, (a, b, w, out, la, lb, inv_t, na, nb, d, ...)
         grid = (triton.cdiv(g[7], meta["BLOCK_A"]), triton.cdiv(g[9], meta["BLOCK_D"]), g[3].shape[0])
-        _l1_grad_kernel[grid](*g, LOGITS=logits, **meta)
+        _l1_grad_kernel[grid](*g, LOGITS=logits, enable_fp_fusion=True, **meta)
 
     if blocks or (interpreting() and not TUNE_IN_INTERPRETER):
         launch(args, {**INTERPRET_GRAD_BLOCKS, **blocks})

@@ -9,7 +9,9 @@ dC/dx; with A = y, B = x, W = G^T (strides swapped) it is dC/dy, since sign(y - 
 Nothing of size N x M x V exists at any time; memory is the inputs, C and the gradients.
 Inputs may be fp32, bf16 or fp16; accumulation is fp32; C is fp32, gradients take the input dtype.
 LOGITS mode: the inputs are logits z and the rows' logsumexp(z / T); each tile is turned into
-probabilities exp(z / T - lse) as it is loaded, so softmax outputs are never stored (see softmax_l1).
+probabilities exp(z / T - lse) as it is loaded, so softmax outputs are never stored (see softmax_l1);
+the backward then takes the sign bit of A - B (ties count as +1, not 0), one instruction fewer per
+element than compare-and-select, which the softmax backward makes harmless (see the kernel).
 """
 
 from __future__ import annotations
@@ -96,8 +98,16 @@ def _l1_grad_kernel(
             bt = tl.where(b_ok[:, None] & d_ok, tl.exp(bt * inv_t - lse_b), 0.0)
         a3 = at[:, None, :]
         b3 = bt[None, :, :]
-        # +w, -w or 0 (ties, as cdist's backward): two compares and two selects, -w shared across BLOCK_D.
-        acc += tl.where(a3 > b3, wt[:, :, None], tl.where(a3 < b3, -wt[:, :, None], 0.0))
+        if LOGITS:
+            # w with the sign bit of a - b (a subtract, one LOP3, an add): ties give +w instead of 0. Only
+            # the softmax backward reads this gradient: at p = 0 (the common tie, underflow) it is
+            # multiplied by p, and exact ties at p > 0 (a whole row equal: a constant the softmax
+            # backward removes) differ by one subgradient choice of |t| at 0.
+            sign = (a3 - b3).to(tl.int32, bitcast=True) & -2147483648
+            acc += (wt[:, :, None].to(tl.int32, bitcast=True) ^ sign).to(tl.float32, bitcast=True)
+        else:
+            # +w, -w or 0 (ties, as cdist's backward): two compares and two selects, -w shared across BLOCK_D.
+            acc += tl.where(a3 > b3, wt[:, :, None], tl.where(a3 < b3, -wt[:, :, None], 0.0))
     grad = tl.sum(acc, axis=1)
     o_ptrs = o_ptr + bat * sob + ra.to(tl.int64)[:, None] * son + cols[None, :] * sod
     tl.store(o_ptrs, grad.to(o_ptr.dtype.element_ty), mask=a_ok & d_ok)
@@ -194,7 +204,8 @@ def l1_cost(x: torch.Tensor, y: torch.Tensor, lse_x=None, lse_y=None, temperatur
 def l1_grad(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, side: str, lse_x=None, lse_y=None,
             temperature: float = 1.0, out_dtype=None, **blocks) -> torch.Tensor:
     """Gradient of sum(W * C) wrt x (side "x", shape of x) or y (side "y"), in out_dtype (default: the
-    input's). In LOGITS mode (lse_x, lse_y given) it is the gradient wrt the probabilities, not z."""
+    input's). In LOGITS mode (lse_x, lse_y given) it is the gradient wrt the probabilities, not z, with
+    ties counted as sign +1: meant to be read through the softmax backward only (SoftmaxL1)."""
     _check(x, y)
     if side not in ("x", "y"):
         raise ValueError(f"l1_grad: side must be 'x' or 'y', got {side!r}")

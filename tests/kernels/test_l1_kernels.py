@@ -166,6 +166,36 @@ def test_softmax_l1_from_logits_matches_float64_autograd(dtype):
     assert rel(s.grad, ref_gs) <= TOL[dtype] and rel(t.grad, ref_gt) <= TOL[dtype]
 
 
+def test_logits_mode_ties_leave_the_logit_gradient_unchanged():
+    """In LOGITS mode the dC/dp kernel gives ties +w (the sign bit of a - b) where cdist gives 0. The
+    gradient wrt the logits is still the float64 one: underflowed probabilities (p = 0 on both sides:
+    the common tie) are multiplied by p in the softmax backward, and a row equal to a teacher row
+    ties on every token, a constant over the vocabulary that the softmax backward removes."""
+    from sinkd.kernels import softmax_l1
+
+    gen = torch.Generator().manual_seed(8)
+    zs = 3 * torch.randn(1, 9, 40, generator=gen)
+    zt = 3 * torch.randn(1, 7, 40, generator=gen)
+    zs[..., :6] = -1e4  # exp underflows to exactly 0 in fp32 and float64: ties at p = 0
+    zt[..., 3:9] = -1e4
+    zt[0, 2] = zs[0, 4]  # a whole row tied
+    w = torch.rand(1, 9, 7, generator=gen)
+    zs64, zt64 = zs.double().requires_grad_(), zt.double().requires_grad_()
+    ref = torch.cdist(torch.softmax(zs64 / 2, -1), torch.softmax(zt64 / 2, -1), p=1)
+    ref_gs, ref_gt = torch.autograd.grad((ref * w.double()).sum(), (zs64, zt64))
+    s, t = zs.clone().to(DEVICE).requires_grad_(), zt.clone().to(DEVICE).requires_grad_()
+    cost = softmax_l1.softmax_l1_cost(s, t, temperature=2.0)
+    cost.backward(w.to(DEVICE))
+    assert rel(s.grad, ref_gs) <= 1e-5 and rel(t.grad, ref_gt) <= 1e-5
+    # the tie rule itself: on probability rows the kernel's dC/dp differs from cdist's exactly at ties
+    lse_s, lse_t = softmax_l1.row_logsumexp(s.detach(), 2.0), softmax_l1.row_logsumexp(t.detach(), 2.0)
+    dp = k.l1_grad(s.detach(), t.detach(), w.to(DEVICE), "x", lse_x=lse_s, lse_y=lse_t, temperature=2.0)
+    p_s, p_t = torch.softmax(zs.double() / 2, -1), torch.softmax(zt.double() / 2, -1)
+    ties = (p_s[:, :, None, :] == p_t[:, None, :, :]).double()
+    expected = torch.einsum("bij,bijv->biv", w.double(), torch.sign(p_s[:, :, None, :] - p_t[:, None, :, :]) + ties)
+    assert rel(dp, expected) <= 1e-5
+
+
 @pytest.mark.parametrize("logits", [False, True])
 def test_tile_picking_path_times_clipped_problems_and_keeps_results(monkeypatch, logits):
     """The GPU launch path (time each tile shape on a clipped copy, keep the fastest) run through the

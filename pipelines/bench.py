@@ -22,7 +22,6 @@ import platform
 import time
 
 import torch
-import torch.nn.functional as F
 
 
 def bare_loop(cfg, task, teacher_dir: str, threads: int) -> dict:

@@ -293,12 +293,14 @@ class LMScorer:
                 "agree": ((logits.argmax(-1) == t_top1) & real).sum(-1).numpy()}
 
 
-def evaluate_lm(model_dir: str, cfg, task, teacher_dir: str, split: str = "test", cpus: float = 1.0) -> dict:
-    """Perplexity and top-1 agreement of an exported model on a split (Ray Data, one actor)."""
+def evaluate_lm(model_dir: str, cfg, task, teacher_dir: str, split: str = "test", cpus: float = 1.0, actors: int = 1) -> dict:
+    """Perplexity and top-1 agreement of an exported model on a split (Ray Data, up to `actors` actors of
+    `cpus` CPUs; token sums, so the order rows come back in does not matter)."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
     from .data import PAD_ID
+    from .evaluate import to_frame
 
     if cfg.lm.cache.enabled:  # the teacher's top-1 ids come with the cached rows
         from .logit_cache import ensure_cache, read_cache_table
@@ -306,11 +308,12 @@ def evaluate_lm(model_dir: str, cfg, task, teacher_dir: str, split: str = "test"
         table, teacher = read_cache_table(ensure_cache(cfg, task, teacher_dir), split), None
     else:
         table, teacher = task.splits[split], teacher_dir
-    ds = ray.data.from_arrow(table)
+    ds = ray.data.from_arrow(table, override_num_blocks=max(1, min(64, table.num_rows // cfg.train.eval_batch_size)))
     out = ds.map_batches(LMScorer, fn_constructor_kwargs={"model_dir": model_dir, "teacher_dir": teacher,
                                                           "num_threads": max(1, int(cpus))},
                          batch_size=cfg.train.eval_batch_size, batch_format="pyarrow",
-                         compute=ActorPoolStrategy(size=1), num_cpus=cpus).to_pandas()
+                         compute=ActorPoolStrategy(min_size=1, max_size=actors), num_cpus=cpus)
+    out = to_frame(out)
     out = out[out["id"] != PAD_ID]
     tokens = max(float(out["tokens"].sum()), 1.0)
     return {"perplexity": math.exp(min(float(out["nll"].sum()) / tokens, 700.0)),

@@ -131,55 +131,41 @@ def _tune(cfg, raw, args) -> int:
 
 
 def _eval(cfg, args) -> int:
-    from .data import load_task
-    from .evaluate import evaluate_model, metric_names
-    from .job import ray_session
+    """Scores of each model (--model, else every model under RUN_DIR/models) on a split."""
+    from .job import eval_pool, ray_session
 
-    if cfg.task_type == "causal_lm":
-        return _eval_lm(cfg, args)
-    task = load_task(cfg)
     models = args.model or sorted(str(p) for p in (Path(cfg.run_dir) / "models").glob("*") if (p / "config.json").is_file())
     if not models:
         print(f"sinkd: error: no models in {Path(cfg.run_dir) / 'models'}; pass --model DIR", file=sys.stderr)
         return 2
-    names = metric_names(task.task, task.num_labels)
-    scores = {}
-    with ray_session(cfg):
-        for model in models:
-            if not (Path(model) / "config.json").is_file():
-                print(f"sinkd: error: --model {model}: not a Hugging Face model directory", file=sys.stderr)
-                return 2
-            scores[model] = evaluate_model(model, task.splits[args.split], names, cfg.data.max_length,
-                                           cfg.train.eval_batch_size, max(1.0, cfg.scaling.cpus_per_worker))
-    width = max(len(m) for m in scores)
-    print(f"{'model':<{width}}  " + "  ".join(f"{args.split + ' ' + n:>16}" for n in names))
-    for model, s in scores.items():
-        print(f"{model:<{width}}  " + "  ".join(f"{s[n]:>16.4f}" for n in names))
-    print(json.dumps(scores))
-    return 0
-
-
-def _eval_lm(cfg, args) -> int:
-    """Perplexity and top-1 agreement with the teacher of each model on a split's token blocks."""
-    from .causal_lm import METRICS, evaluate_lm, plan_parts
-    from .job import ray_session
-
-    task, teacher_dir = plan_parts(cfg)
-    models = args.model or sorted(str(p) for p in (Path(cfg.run_dir) / "models").glob("*") if (p / "config.json").is_file())
-    if not models:
-        print(f"sinkd: error: no models in {Path(cfg.run_dir) / 'models'}; pass --model DIR", file=sys.stderr)
+    bad = [m for m in models if not (Path(m) / "config.json").is_file()]
+    if bad:
+        print(f"sinkd: error: --model {bad[0]}: not a Hugging Face model directory", file=sys.stderr)
         return 2
-    scores = {}
+    if cfg.task_type == "causal_lm":  # perplexity and top-1 agreement with the teacher on token blocks
+        from .causal_lm import METRICS, evaluate_lm, plan_parts
+
+        task, teacher_dir = plan_parts(cfg)
+        names = METRICS
+
+        def score(model):
+            return evaluate_lm(model, cfg, task, teacher_dir, args.split, **eval_pool(cfg))
+    else:
+        from .data import load_task
+        from .evaluate import evaluate_model, metric_names
+
+        task = load_task(cfg)
+        names = metric_names(task.task, task.num_labels)
+
+        def score(model):
+            return evaluate_model(model, task.splits[args.split], names, cfg.data.max_length,
+                                  cfg.train.eval_batch_size, **eval_pool(cfg))
     with ray_session(cfg):
-        for model in models:
-            if not (Path(model) / "config.json").is_file():
-                print(f"sinkd: error: --model {model}: not a Hugging Face model directory", file=sys.stderr)
-                return 2
-            scores[model] = evaluate_lm(model, cfg, task, teacher_dir, args.split, max(1.0, cfg.scaling.cpus_per_worker))
-    width = max(len(m) for m in scores)
-    print(f"{'model':<{width}}  " + "  ".join(f"{args.split + ' ' + n:>20}" for n in METRICS))
+        scores = {model: score(model) for model in models}
+    width, col = max(len(m) for m in scores), max(16, max(len(args.split) + 1 + len(n) for n in names))
+    print(f"{'model':<{width}}  " + "  ".join(f"{args.split + ' ' + n:>{col}}" for n in names))
     for model, s in scores.items():
-        print(f"{model:<{width}}  " + "  ".join(f"{s[n]:>20.4f}" for n in METRICS))
+        print(f"{model:<{width}}  " + "  ".join(f"{s[n]:>{col}.4f}" for n in names))
     print(json.dumps(scores))
     return 0
 

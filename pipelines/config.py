@@ -168,13 +168,18 @@ def apply_override(raw: dict, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"--set {item}: expected key=value")
     key, value = item.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
+    if not all(key.strip().split(".")):
         raise ConfigError(f"--set {item}: empty key")
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
+    set_key(raw, key.strip(), parsed)
+
+
+def set_key(raw: dict, key: str, value) -> None:
+    """raw["a"]["b"]["c"] = value for key "a.b.c", creating missing mappings (--set, Tune samples)."""
+    parts = key.split(".")
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
@@ -183,7 +188,19 @@ def apply_override(raw: dict, item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"{'.'.join(parts[:i + 1])}: is not a mapping, cannot set {key}")
         node = child
-    node[parts[-1]] = parsed
+    node[parts[-1]] = value
+
+
+def data_file_paths(files: dict) -> dict:
+    """data.files as {split: existing Path}; a ConfigError names the first bad split or file."""
+    paths = {}
+    for split, value in files.items():
+        if split not in ("train", "validation", "test"):
+            raise ConfigError(f"data.files.{split}: unknown split; use train, validation or test")
+        paths[split] = resolve_path(value, f"data.files.{split}")
+        if not paths[split].is_file():
+            raise ConfigError(f"data.files.{split}: file not found: {paths[split]}")
+    return paths
 
 
 def resolve_path(value: str, key: str) -> Path:
@@ -445,12 +462,7 @@ def _check_data_source(d: DataConfig) -> None:
     if d.files:
         if "train" not in d.files:
             raise ConfigError("data.files: needs a 'train' file")
-        for split, value in d.files.items():
-            if split not in ("train", "validation", "test"):
-                raise ConfigError(f"data.files.{split}: unknown split; use train, validation or test")
-            path = resolve_path(value, f"data.files.{split}")
-            if not path.is_file():
-                raise ConfigError(f"data.files.{split}: file not found: {path}")
+        for split, path in data_file_paths(d.files).items():
             fmt = file_format(d, path)
             if fmt not in FILE_FORMATS:
                 raise ConfigError(f"data.files.{split}: cannot tell the format of {path.name}; set data.format")
@@ -474,7 +486,9 @@ def _check_models(cfg: Config) -> None:
     if s.init == "teacher_layers":
         if not s.layers:
             raise ConfigError("student.layers: required with student.init: teacher_layers (e.g. [0, 2, 4])")
-        bad = [i for i in s.layers if not isinstance(t_layers, int) or not 0 <= i < t_layers]
+        if not isinstance(t_layers, int):
+            raise ConfigError(f"teacher.path: {teacher / 'config.json'} gives no num_hidden_layers (or num_layers) to pick student.layers from")
+        bad = [i for i in s.layers if not 0 <= i < t_layers]
         if bad or len(set(s.layers)) != len(s.layers):
             raise ConfigError(f"student.layers: must be distinct indices of the teacher's {t_layers} layers, got {s.layers}")
     elif s.init == "pretrained":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -149,9 +148,16 @@ def init_local_ray(**kwargs) -> None:
                 os.environ[key] = value
 
 
+def eval_pool(cfg) -> dict:
+    """Evaluation actors shaped like the training workers (one per worker, its CPUs each), so that
+    each fits wherever a worker did; one asking for all the workers' CPUs might fit on no node."""
+    return {"cpus": max(1.0, cfg.scaling.cpus_per_worker), "actors": cfg.scaling.num_workers}
+
+
 @contextlib.contextmanager
-def ray_session(cfg: Config):
-    """Join the running Ray (tests, notebooks), a cluster (ray.address), or start a local one."""
+def ray_session(cfg: Config, extra_cpus: int = 0):
+    """Join the running Ray (tests, notebooks), a cluster (ray.address), or start a local one;
+    extra_cpus: logical CPUs a local one gets on top (Tune's trial drivers, which only wait)."""
     import ray
 
     import logging
@@ -169,7 +175,7 @@ def ray_session(cfg: Config):
         # A fresh local instance, even when a `ray start` node runs on this machine (a plain
         # ray.init() would silently join the latest one).
         kwargs.pop("address")
-        init_local_ray(num_cpus=cfg.ray.num_cpus or (os.cpu_count() or 1) + 1,
+        init_local_ray(num_cpus=(cfg.ray.num_cpus or (os.cpu_count() or 1) + 1) + extra_cpus,
                        object_store_memory=cfg.ray.object_store_memory_mb * 2**20 if cfg.ray.object_store_memory_mb else None,
                        **kwargs)
     else:
@@ -236,15 +242,15 @@ def run_job(cfg: Config, raw: dict, show_progress: bool = True, plan: Plan | Non
             models[TEACHER] = {"path": plan.teacher_dir, "given": True}
         for name, objective in plan.students.items():
             models[name] = _run_stage(plan, Stage(name, plan.teacher_dir, objective, cfg.train), show_progress)
-        cpus = max(1.0, cfg.scaling.cpus_per_worker * cfg.scaling.num_workers)
+        pool = eval_pool(cfg)
         for info in models.values():
             if cfg.task_type == "causal_lm":
                 from .causal_lm import evaluate_lm
 
-                info["test"] = evaluate_lm(info["path"], cfg, task, plan.teacher_dir, "test", cpus)
+                info["test"] = evaluate_lm(info["path"], cfg, task, plan.teacher_dir, "test", **pool)
             else:
                 info["test"] = evaluate_model(info["path"], task.splits["test"], results["metrics"], cfg.data.max_length,
-                                              cfg.train.eval_batch_size, cpus)
+                                              cfg.train.eval_batch_size, **pool)
             info["layers"], info["params"] = _size(info["path"])
     results["wall_s"] = round(time.time() - started, 1)
     (run_dir / "results.json").write_text(json.dumps(results, indent=1))

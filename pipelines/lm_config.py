@@ -52,17 +52,12 @@ def lm_file_format(cfg, path: Path) -> str | None:
 
 def check_causal_lm(cfg) -> None:
     """Data files and lm options (cheap: no data read, no model loaded)."""
-    from .config import ConfigError, resolve_path
+    from .config import ConfigError, data_file_paths
 
     d, lm = cfg.data, cfg.lm
     if not d.files or "train" not in d.files or d.name or d.load_from_disk:
         raise ConfigError("data.files: task_type causal_lm reads files (txt, jsonl or a Wikipedia XML .bz2); set data.files.train")
-    for split, value in d.files.items():
-        if split not in ("train", "validation", "test"):
-            raise ConfigError(f"data.files.{split}: unknown split; use train, validation or test")
-        path = resolve_path(value, f"data.files.{split}")
-        if not path.is_file():
-            raise ConfigError(f"data.files.{split}: file not found: {path}")
+    for split, path in data_file_paths(d.files).items():
         fmt = lm_file_format(cfg, path)
         if fmt is None:
             raise ConfigError(f"data.files.{split}: cannot tell the format of {path.name}; set lm.file_format (txt, jsonl, wiki_xml)")
@@ -139,15 +134,20 @@ def _gguf_header_cached(path: str, size: int, mtime: int) -> tuple[int, int]:
 
 
 def teacher_layer_count(directory: Path, gguf: str | None) -> int:
-    if gguf:
-        return _gguf_header(directory / gguf)[0]
-    return int(json.loads((directory / "config.json").read_text())["num_hidden_layers"])
+    return _gguf_header(directory / gguf)[0] if gguf else _config_int(directory, "num_hidden_layers")
 
 
 def teacher_vocab_size(directory: Path, gguf: str | None) -> int:
-    if gguf:
-        return _gguf_header(directory / gguf)[1]
-    return int(json.loads((directory / "config.json").read_text())["vocab_size"])
+    return _gguf_header(directory / gguf)[1] if gguf else _config_int(directory, "vocab_size")
+
+
+def _config_int(directory: Path, key: str) -> int:
+    from .config import ConfigError
+
+    value = json.loads((directory / "config.json").read_text()).get(key)
+    if not isinstance(value, int):
+        raise ConfigError(f"teacher.path: {directory / 'config.json'} has no integer {key} (got {value!r})")
+    return value
 
 
 def check_lm_models(cfg) -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from pathlib import Path
 
 import yaml
 
-from .config import Config, ConfigError, apply_override
+from .config import Config, ConfigError, set_key
 from .tune_space import SpaceError, TuneSpace
 
 EXPERIMENT = "tune"
@@ -23,11 +24,6 @@ EXPERIMENT = "tune"
 
 class TuneInterrupted(RuntimeError):
     """The tuning run stopped early (Ctrl-C, a lost driver); its state is saved for a resume."""
-
-
-def set_key(raw: dict, key: str, value) -> None:
-    """Apply one sampled value with the same rules as `--set key=value`."""
-    apply_override(raw, f"{key}={json.dumps(value)}")
 
 
 def check_space_against_config(raw: dict, space: TuneSpace) -> None:
@@ -71,7 +67,10 @@ def run_tune(cfg: Config, raw: dict, space: TuneSpace) -> dict:
     plan = plan_job(cfg)
     prepare_run_dir(cfg, raw)
     out_dir = Path(cfg.run_dir).resolve()
-    with ray_session(cfg):
+    # A trial driver's CPU share (0.01 by default) would leave Ray Data less than the whole CPU its
+    # tasks need beside the training workers, and the first epoch would wait forever on a local Ray.
+    driver_cpus = math.ceil(space.trial_resources.get("cpu", 0) * space.max_concurrent_trials)
+    with ray_session(cfg, extra_cpus=driver_cpus):
         teacher_dir = prepare_teacher(plan)
         trainable = tune.with_resources(
             tune.with_parameters(_trial, base_raw=raw, task=plan.task, teacher_dir=teacher_dir),

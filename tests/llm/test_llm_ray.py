@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from pipelines.config import set_key
 from sinkd import DistillationObjective, ObjectiveConfig, SinkhornConfig, TopKDistribution
 from sinkd.topk_teacher import teacher_topk
-
-from llm_helpers import make_tiny_llama
 
 V = 49152
 
@@ -29,11 +29,7 @@ def job(tmp_path, teacher, wiki_path, cache_dir, **over) -> dict:
            "train": {"epochs": 2, "batch_size": 2, "eval_batch_size": 4, "lr": 1e-3, "zero_stage": 2},
            "scaling": {"num_workers": 2, "cpus_per_worker": 1}}
     for key, value in over.items():
-        node = raw
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
+        set_key(raw, key, value)
     return raw
 
 
@@ -141,8 +137,10 @@ def check_run(results: dict, run_dir: Path, steps: int):
     assert state["kind"] == "causal_lm" and state["global_step"] == steps  # 8 blocks / (2 workers x 2) a step
 
 
-def test_e2e_zero2_two_workers_from_the_logit_cache(local_ray, tmp_path, tiny_llama, wiki_path, shared_cache):
-    """The job reads the cache the round-trip test wrote (the teacher does not run again)."""
+def test_e2e_zero2_two_workers_from_the_logit_cache(local_ray, tmp_path, tiny_llama, wiki_path, shared_cache, capsys):
+    """The job reads the cache the round-trip test wrote (the teacher does not run again); `sinkd eval`
+    then scores the exported student as the job did."""
+    from pipelines.cli import main
     from pipelines.config import Config
     from pipelines.job import run_job
 
@@ -151,6 +149,14 @@ def test_e2e_zero2_two_workers_from_the_logit_cache(local_ray, tmp_path, tiny_ll
     results = run_job(Config.from_dict(raw), raw, show_progress=False)
     assert sorted(p.name for p in shared_cache.iterdir()) == before
     check_run(results, tmp_path / "run", steps=2)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
+    model = results["models"]["sinkd"]["path"]
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "job.yaml"), "--model", model]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[model]
+    job_scores = results["models"]["sinkd"]["test"]
+    assert scores["perplexity"] == pytest.approx(job_scores["perplexity"], rel=1e-6)
+    assert scores["top1_agreement"] == job_scores["top1_agreement"]
 
 
 def test_e2e_zero2_two_workers_live_teacher(local_ray, tmp_path, tiny_llama, wiki_path):
@@ -162,3 +168,42 @@ def test_e2e_zero2_two_workers_live_teacher(local_ray, tmp_path, tiny_llama, wik
     results = run_job(Config.from_dict(raw), raw, show_progress=False)
     assert not (tmp_path / "cache").exists()  # a live teacher, no cache written
     check_run(results, tmp_path / "run", steps=2)
+
+
+def test_e2e_zero3_live_teacher_partitions_both_models(local_ray, tmp_path, tiny_llama, wiki_path):
+    """ZeRO-3 with the live teacher: the student is sharded by DeepSpeed and the frozen teacher is loaded
+    partitioned (built under HfDeepSpeedConfig); training, checkpoint, export and eval go through."""
+    from pipelines.config import Config
+    from pipelines.job import run_job
+
+    raw = job(tmp_path, tiny_llama, wiki_path, tmp_path / "cache", **{"lm.cache.enabled": False, "train.epochs": 1,
+                                                                     "train.zero_stage": 3})
+    results = run_job(Config.from_dict(raw), raw, show_progress=False)
+    check_run(results, tmp_path / "run", steps=2)
+
+
+def test_tune_causal_lm_space_and_two_trials(local_ray, tmp_path, tiny_llama, wiki_path, shared_cache):
+    """The shipped causal-LM space applies to a causal-LM job (every choice validated), and `run_tune`
+    runs causal-LM trials on val_perplexity and writes a best.yaml that is a causal-LM job again."""
+    from pipelines.config import Config, load_config
+    from pipelines.tune import check_space_against_config, run_tune
+    from pipelines.tune_space import load_space, parse_space
+
+    # One worker: this module's Ray has 3 CPUs, and 2 workers + a trial driver's 0.01 CPU would leave Ray
+    # Data's read tasks 0.99 CPU (a local Ray started by `sinkd tune` gets the driver's share on top).
+    raw = job(tmp_path, tiny_llama, wiki_path, shared_cache, **{"train.epochs": 1, "objective.sinkhorn.topk": 16,
+                                                               "scaling.num_workers": 1})
+    check_space_against_config(raw, load_space(Path(__file__).parents[2] / "tune_spaces" / "sinkd_causal_lm.yaml"))
+    space = parse_space({"metric": "val_perplexity", "mode": "min", "num_samples": 1, "max_concurrent_trials": 1,
+                         "trial_resources": {"cpu": 0.01},
+                         "scheduler": {"type": "asha", "time_attr": "training_iteration", "grace_period": 1, "max_t": 1},
+                         "space": {"objective.sinkhorn.eps": {"grid": [0.1, 0.5]}}})
+    out = run_tune(Config.from_dict(raw), raw, space)
+    trials = out["trials"]
+    assert len(trials) == 2 and all(t["status"] == "OK" and math.isfinite(t["val_perplexity"]) for t in trials)
+    assert sorted(t["params"]["objective.sinkhorn.eps"] for t in trials) == [0.1, 0.5]
+    best = min(trials, key=lambda t: t["val_perplexity"])
+    assert out["best"]["trial"] == best["trial"]
+    best_raw = yaml.safe_load(Path(out["best_config"]).read_text())
+    assert best_raw["objective"]["sinkhorn"]["eps"] == best["params"]["objective.sinkhorn.eps"]
+    assert load_config(out["best_config"]).task_type == "causal_lm"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import Config, ConfigError
+from pipelines.config import Config, ConfigError, set_key
 
 from llm_helpers import GGUF_NAME, make_tiny_llama, package_dir
 
@@ -19,11 +19,7 @@ def base(tmp_path, teacher, wiki_path, **over) -> dict:
            "teacher": {"path": str(teacher)},
            "student": {"init": "config", "config": {"num_hidden_layers": 1}}}
     for key, value in over.items():
-        node = raw
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
+        set_key(raw, key, value)
     return raw
 
 
@@ -93,7 +89,7 @@ def test_tokenizer_mismatch_is_rejected_with_one_clear_line(tmp_path, tiny_llama
         with pytest.raises(ConfigError) as err:
             Config.from_dict(base(tmp_path, teacher, wiki_path, **{"student.init": "pretrained", "student.config": {},
                                                                   "student.path": str(same_size)}))
-        assert str(err.value) == (f"student.path: its tokenizer (30522 tokens) differs from the teacher's (49152 tokens); "
+        assert str(err.value) == ("student.path: its tokenizer (30522 tokens) differs from the teacher's (49152 tokens); "
                                   "teacher and student must share a vocabulary")
     with pytest.raises(ConfigError, match=r"^student.path: vocabulary size 30522 differs from the teacher's 49152; "
                                           r"teacher and student must share a tokenizer$"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipelines.config import set_key
+
 
 def tiny_job(run_dir, teacher, data, **over) -> dict:
     """A small job config as a raw mapping (what a YAML file would hold)."""
@@ -20,11 +22,7 @@ def tiny_job(run_dir, teacher, data, **over) -> dict:
         "scaling": {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 1},
     }
     for key, value in over.items():
-        node = raw
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
+        set_key(raw, key, value)
     return raw
 
 

@@ -137,3 +137,30 @@ def test_local_ray_processes_know_their_own_cluster(ray_session):
 
     assert ray_session.get(worker_ray_address.remote()) == ray_session.get_runtime_context().gcs_address
     assert "RAY_GCS_SERVER_PORT" not in os.environ
+
+
+def test_eval_refuses_missing_models_before_loading_anything(tmp_path, capsys):
+    """`sinkd eval` names the bad --model directory (or the empty models folder) and exits 2, for
+    both task types, before any data is read or Ray is started."""
+    import yaml
+
+    from pipelines.cli import main
+
+    (tmp_path / "train.csv").write_text("sentence,label\ngood,1\nbad,0\n")
+    (tmp_path / "train.txt").write_text("Some text.\n")
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "config.json").write_text('{"num_hidden_layers": 2, "vocab_size": 10}')
+    for task_type, data in (("classification", "train.csv"), ("causal_lm", "train.txt")):
+        raw = {"run_dir": str(tmp_path / task_type), "task_type": task_type, "data": {"files": {"train": str(tmp_path / data)}},
+               "teacher": {"path": str(tmp_path / "teacher")}, "student": {"layers": [0]}}
+        path = tmp_path / f"{task_type}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        (tmp_path / "teacher" / "config.json").write_text("{}")
+        assert main(["eval", str(path)]) == 2
+        err = capsys.readouterr().err  # no layer count: one line naming the key and file, no traceback
+        assert err.startswith("sinkd: error: teacher.path: ") and "num_hidden_layers" in err and err.count("\n") == 1
+        (tmp_path / "teacher" / "config.json").write_text('{"num_hidden_layers": 2, "vocab_size": 10}')
+        assert main(["eval", str(path)]) == 2
+        assert f"no models in {tmp_path / task_type / 'models'}" in capsys.readouterr().err
+        assert main(["eval", str(path), "--model", str(tmp_path)]) == 2
+        assert f"--model {tmp_path}: not a Hugging Face model directory" in capsys.readouterr().err

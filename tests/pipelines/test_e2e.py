@@ -102,6 +102,24 @@ def test_exported_student_reproduces_its_validation_score(zero2, capsys):
     assert score["accuracy"] == pytest.approx(results["models"]["sinkd"]["val"]["accuracy"], abs=1e-9)
 
 
+def test_evaluation_actors_split_the_rows_and_agree_with_one_actor(zero2):
+    """Evaluation runs on up to num_workers actors of cpus_per_worker CPUs each (one actor asking for all
+    the workers' CPUs could fit on no node): the predictions are those of a single actor, every row once."""
+    from pipelines.data import load_task
+    from pipelines.evaluate import predict
+    from pipelines.job import eval_pool
+
+    raw, results = zero2
+    cfg = Config.from_dict(copy.deepcopy(raw))
+    assert eval_pool(cfg) == {"cpus": 1.0, "actors": 2}
+    table = load_task(cfg).splits["test"]
+    model = results["models"]["sinkd"]["path"]
+    one = predict(model, table, cfg.data.max_length, 8, cpus=1.0, actors=1)
+    two = predict(model, table, cfg.data.max_length, 8, **eval_pool(cfg))
+    assert two["id"].tolist() == sorted(table.column("id").to_pylist())
+    assert two["pred"].tolist() == one["pred"].tolist()
+
+
 def test_killed_worker_resumes_without_lost_or_repeated_steps(zero2, tmp_path):
     """Rank 1 is hard-killed after optimizer step 7; FailureConfig restarts the group from the step-6
     checkpoint (mid-epoch); the lineage has steps 1..8 once each and the uninterrupted run's losses."""

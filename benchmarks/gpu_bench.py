@@ -57,9 +57,9 @@ from sinkd.kernels import softmax_l1_cost  # noqa: E402
 EPS, ITERS, TEMP = 0.1, 20, 2.0
 FULL = {"a": (8192, 151_936), "b": (256, 32_000), "c_vocab": 151_936,
         "e": [(1, 1000, 777, 4099), (2, 257, 129, 32_000), (1, 64, 48, 3001)],
-        "matmul": 8192, "add": (132 * 16 * 1024, 32768), "repeats": 3, "topk": (2, 256)}
+        "matmul": 8192, "add": (16, 32768), "repeats": 3, "topk": (2, 256)}
 QUICK = {"a": (40, 400), "b": (32, 600), "c_vocab": 300, "e": [(1, 37, 29, 301), (2, 19, 23, 77)],
-         "matmul": 512, "add": (2048, 4), "repeats": 1, "topk": (1, 128)}
+         "matmul": 512, "add": (2, 4), "repeats": 1, "topk": (1, 128)}
 
 
 # ---------------------------------------------------------------- implementations
@@ -269,12 +269,15 @@ def _fadd_chains(out_ptr, step, iters, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7)
 
 
-def fp32_add_tops(device, elements, iters, repeats=5):
+def fp32_add_tops(device, blocks_per_sm, iters, repeats=5):
     """Plain fp32 add rate (one operation an instruction, where the matmul rate counts an FMA as two):
     the rate the L1 kernels' subtract / |.| / compare / select work issues at."""
     block = 1024
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 1
+    elements = sms * blocks_per_sm * block
     out = torch.empty(elements, device=device)
     grid = (elements // block,)
+
     def launch():
         _fadd_chains[grid](out, 1e-3, iters, BLOCK=block, num_warps=8, enable_fp_fusion=False)
 

@@ -100,9 +100,7 @@ class Meter:
         return loss_bench.peak_rss_bytes() - max(0, loss_bench.rss_file_bytes() - self.file_base) - self.base
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
+sync = loss_bench.sync
 
 
 def free(device):
@@ -131,17 +129,8 @@ def run_loss(impl, n, v, device, repeats, warmup=1):
     """Median forward+backward ms and peak extra bytes (over the inputs) of one implementation."""
     zs, zt = make_inputs(n, v, device)
     meter = Meter(device)
-    times = []
     meter.start()
-    for i in range(warmup + repeats):
-        zs.grad = None
-        sync(device)
-        t0 = time.perf_counter()
-        loss = IMPLS[impl](zs, zt)
-        loss.backward()
-        sync(device)
-        if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1e3)
+    times, loss = loss_bench.time_fwd_bwd(IMPLS[impl], zs, zt, device, warmup, repeats)
     out = {"ms": statistics.median(times), "ms_all": times, "peak_extra_bytes": meter.peak_bytes(), "loss": float(loss.detach())}
     del zs, zt, loss
     return out

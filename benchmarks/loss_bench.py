@@ -127,6 +127,21 @@ def rss_baseline_bytes():
         return peak_rss_bytes()
 
 
+def time_fwd_bwd(loss_fn, zs, zt, device, warmup, repeats):
+    """(ms of each forward+backward after `warmup` untimed ones, the last loss)."""
+    times = []
+    for i in range(warmup + repeats):
+        zs.grad = None
+        sync(device)
+        start = time.perf_counter()
+        loss = loss_fn(zs, zt)
+        loss.backward()
+        sync(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return times, loss
+
+
 def measure_cell(impl, n, v, device, warmup, repeats):
     """Median forward+backward time and peak memory of one (impl, size) in this process.
     The baseline is taken after imports, a tiny warm-up and input creation: only the loss's own memory counts."""
@@ -140,16 +155,7 @@ def measure_cell(impl, n, v, device, warmup, repeats):
         base = torch.cuda.memory_allocated()
     else:
         base, file_base = rss_baseline_bytes(), rss_file_bytes()
-    times = []
-    for i in range(warmup + repeats):
-        zs.grad = None
-        sync(device)
-        start = time.perf_counter()
-        loss = IMPLS[impl](zs, zt)
-        loss.backward()
-        sync(device)
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
+    times, loss = time_fwd_bwd(IMPLS[impl], zs, zt, device, warmup, repeats)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:

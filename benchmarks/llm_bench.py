@@ -112,7 +112,7 @@ class Step:
 def make_cache(teacher, ids, k, amp):
     """The logit cache's content for these blocks: top-k probabilities (T=1), ids, rest mass."""
     from sinkd import TopKDistribution
-    from sinkd.topk_teacher import teacher_topk
+    teacher_topk = TopKDistribution.from_logits  # sinkd.topk_teacher.teacher_topk moved here
 
     with torch.no_grad(), torch.autocast(device_type=amp or "cpu", dtype=torch.bfloat16, enabled=amp is not None):
         logits = teacher(input_ids=ids, use_cache=False).logits[:, :-1].float()

@@ -1,6 +1,7 @@
 """sinkd: knowledge distillation with the batch-wise Sinkhorn objective (SinKD), in plain PyTorch.
 
     from sinkd import sinkhorn, sinkhorn_loss, divergence, DistillationObjective, ObjectiveConfig
+    from sinkd import TopKDistribution  # a logit cache's teacher: TopKDistribution.from_logits(logits, k)
 
 No Ray or DeepSpeed import here: the objective drops into any training loop.
 """

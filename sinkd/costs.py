@@ -19,11 +19,12 @@ COSTS = ("l1", "l2", "sqeuclidean", "cosine")
 L1_IMPLS = ("auto", "chunked", "dense", "triton")
 MATMUL_PRECISIONS = ("auto", "fp32", "bf16x3")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-DEFAULT_BLOCK_ELEMENTS = 1 << 18  # CPU: 256K elements per tile (1 MiB fp32) stay in L2; 10x faster than 4 MiB tiles
-CUDA_BLOCK_ELEMENTS = 1 << 26  # GPU: 256 MiB tiles keep the kernel launches few
+# Backward tile budgets of ChunkedL1, in (rows, m, vocab) sign entries per tile:
+DEFAULT_TILE_ELEMENTS = 1 << 18  # CPU: 256K elements per tile (1 MiB fp32) stay in L2; 10x faster than 4 MiB tiles
+CUDA_TILE_ELEMENTS = 1 << 26  # GPU: 256 MiB tiles keep the kernel launches few
 
 
-def _blocks(n: int, m: int, d: int, budget: int):
+def _tiles(n: int, m: int, d: int, budget: int):
     """Tile sizes (rows, vocab) so that one (rows, m, vocab) tile holds at most `budget` elements."""
     cols = max(1, min(d, budget // max(m, 1), 4096))
     rows = max(1, min(n, budget // max(m * cols, 1)))
@@ -34,14 +35,15 @@ class ChunkedL1(torch.autograd.Function):
     """C[b, i, j] = sum_v |x[b, i, v] - y[b, j, v]| with a tiled backward.
 
     Backward: dx[i, v] = sum_j G[i, j] sign(x[i, v] - y[j, v]), dy[j, v] = -sum_i G[i, j] sign(...);
-    each tile of signs is (rows, m, vocab) and is dropped after use. dy is only computed when y
-    needs a gradient (the teacher side usually does not).
+    each tile of signs is (rows, m, vocab), at most `tile_elements` entries, and is dropped after
+    use. dy is only computed when y needs a gradient (the teacher side usually does not).
+    Call as ``ChunkedL1.apply(x, y, tile_elements)`` with x (B, n, d), y (B, m, d).
     """
 
     @staticmethod
-    def forward(ctx, x, y, block_elements):
+    def forward(ctx, x, y, tile_elements):
         ctx.save_for_backward(x, y)
-        ctx.block_elements = block_elements
+        ctx.tile_elements = tile_elements
         # cdist's forward for p=1 is a direct O(n*m) output loop; only its backward blows up.
         return torch.cdist(x, y, p=1)
 
@@ -53,7 +55,7 @@ class ChunkedL1(torch.autograd.Function):
         gy = torch.zeros_like(y) if need_y else None
         batch, n, d = x.shape
         m = y.shape[1]
-        rows, cols = _blocks(n, m, d, ctx.block_elements)
+        rows, cols = _tiles(n, m, d, ctx.tile_elements)
         grad_cost = grad_cost.to(x.dtype)
         for bi in range(batch):
             # Vocabulary slices outermost: the (m, cols) slice of y stays in cache while row tiles stream.
@@ -94,13 +96,18 @@ def _triton_ok(x: torch.Tensor) -> bool:
     return x.dtype in KERNEL_DTYPES and kernels.usable_on(x)
 
 
+def _on_cuda(x: torch.Tensor) -> bool:
+    """The device flag behind every CPU / CUDA choice of this module (one place, so tests can fake it)."""
+    return x.is_cuda
+
+
 def l1_backend(x: torch.Tensor, impl: str = "auto") -> str:
     """Which L1 implementation `impl` means for inputs like x: "dense", "chunked" or "triton".
     "auto": dense on CPU, whose cdist backward accumulates into (N, V) and is faster; on CUDA
     triton when importable (fp32/bf16/fp16 inputs), else chunked, since CUDA's cdist backward
     allocates N*N*V. "triton" where the kernels cannot run is an error."""
     check_choice("l1_impl", impl, L1_IMPLS)
-    if impl == "dense" or (impl == "auto" and not x.is_cuda):
+    if impl == "dense" or (impl == "auto" and not _on_cuda(x)):
         return "dense"
     if impl == "triton" and not _triton_ok(x):
         raise ValueError(
@@ -112,13 +119,18 @@ def l1_backend(x: torch.Tensor, impl: str = "auto") -> str:
     return "chunked"
 
 
-def l1_cost(x: torch.Tensor, y: torch.Tensor, *, impl: str = "auto", block_elements: int | None = None) -> torch.Tensor:
-    """Pairwise L1 distances (..., n, m). impl: "triton" (fused kernels: CUDA, or CPU under
-    TRITON_INTERPRET=1; fp32 cost), "chunked" (tiled PyTorch backward, O(N*V + N^2) memory),
-    "dense" (autograd through cdist), "auto": see `l1_backend`."""
+def l1_cost(x: torch.Tensor, y: torch.Tensor, *, impl: str = "auto", tile_elements: int | None = None) -> torch.Tensor:
+    """Pairwise L1 distances C[..., i, j] = sum_v |x[..., i, v] - y[..., j, v]|, shape (..., n, m).
+
+    impl: "triton" (fused kernels: CUDA, or CPU under TRITON_INTERPRET=1; fp32 cost), "chunked"
+    (cdist forward, tiled PyTorch backward, O(N*V + N^2) memory), "dense" (autograd through
+    cdist), "auto": see `l1_backend`. tile_elements: the chunked backward's budget, in entries of
+    one (rows, m, vocab) tile of signs (>= 1; default 2**18 on CPU, 2**26 on CUDA); only the
+    "chunked" backend has tiles, the others ignore it.
+    """
     backend = l1_backend(x, impl)
-    if block_elements is not None:
-        check_int_at_least("block_elements", block_elements, 1)
+    if tile_elements is not None:
+        check_int_at_least("tile_elements", tile_elements, 1)
     if backend == "dense":
         return torch.cdist(x, y, p=1)
     lead = x.shape[:-2]
@@ -126,8 +138,8 @@ def l1_cost(x: torch.Tensor, y: torch.Tensor, *, impl: str = "auto", block_eleme
     y3 = y.reshape(-1, *y.shape[-2:])
     if backend == "triton":
         return TritonL1.apply(x3, y3).reshape(*lead, x.shape[-2], y.shape[-2])
-    block = block_elements or (CUDA_BLOCK_ELEMENTS if x.is_cuda else DEFAULT_BLOCK_ELEMENTS)
-    return ChunkedL1.apply(x3, y3, block).reshape(*lead, x.shape[-2], y.shape[-2])
+    tiles = tile_elements or (CUDA_TILE_ELEMENTS if _on_cuda(x) else DEFAULT_TILE_ELEMENTS)
+    return ChunkedL1.apply(x3, y3, tiles).reshape(*lead, x.shape[-2], y.shape[-2])
 
 
 def _cross(x: torch.Tensor, y: torch.Tensor, precision: str) -> torch.Tensor:
@@ -166,8 +178,70 @@ def cosine_cost(x: torch.Tensor, y: torch.Tensor, *, precision: str = "auto") ->
 
 
 def cost_matrix(x: torch.Tensor, y: torch.Tensor, name: str = "l1", **options) -> torch.Tensor:
-    """Cost between the rows of x (..., n, d) and y (..., m, d) by name: l1, l2, sqeuclidean, cosine.
-    options: impl / block_elements for l1 (see `l1_cost`), precision for the others (see `_cross`)."""
+    r"""Ground cost between every row of ``x`` and every row of ``y``, chosen by name.
+
+    For rows :math:`x_i` and :math:`y_j` (vectors of length d; in SinKD, the student's and the
+    teacher's probability vectors [1]_):
+
+    .. math::
+
+        \mathrm{l1}:\ \sum_v |x_{iv} - y_{jv}| \qquad
+        \mathrm{l2}:\ \lVert x_i - y_j \rVert_2 \qquad
+        \mathrm{sqeuclidean}:\ \lVert x_i - y_j \rVert_2^2 \qquad
+        \mathrm{cosine}:\ 1 - \frac{\langle x_i, y_j \rangle}{\lVert x_i \rVert \lVert y_j \rVert}
+
+    ``l2`` and ``sqeuclidean`` are computed as :math:`\lVert x \rVert^2 + \lVert y \rVert^2 - 2 x y^\top`
+    clamped at 0 (l2's square root is taken of at least the smallest normal float, so identical
+    rows get a zero, finite gradient); ``cosine`` normalises the rows first and lies in [0, 2].
+
+    Parameters
+    ----------
+    x : Tensor, shape (..., n, d), floating point
+        First set of rows (the student's in the Sinkhorn loss).
+    y : Tensor, shape (..., m, d), floating point
+        Second set of rows; same leading dimensions and d as ``x``.
+    name : {"l1", "l2", "sqeuclidean", "cosine"}, default "l1"
+        Which cost. "l1" is the SinKD paper's.
+    **options
+        For "l1": ``impl`` ({"auto", "chunked", "dense", "triton"}, default "auto"; see
+        :func:`l1_backend`: cdist on CPU, the Triton kernels or the tiled backward on CUDA) and
+        ``tile_elements`` (the chunked backward's tile budget; see :func:`l1_cost`).
+        For the others: ``precision`` ({"auto", "fp32", "bf16x3"}, default "auto"): how the
+        x y^T product is computed; "auto" uses split-bf16 tensor-core products for fp32 CUDA inputs
+        and bf16/fp16 inputs, a plain matmul otherwise; "bf16x3" forces the split product.
+
+    Returns
+    -------
+    Tensor, shape (..., n, m)
+        The cost matrix. The dtype of the inputs, except fp32 for bf16/fp16 inputs of the
+        matrix-product costs and for the "triton" L1 path.
+
+    Raises
+    ------
+    ValueError
+        ``cost: unknown value ...`` for a bad name; a one-line shape message when x and y differ in
+        leading dimensions or d; ``l1_impl: ...`` / ``precision: ...`` for bad options.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sinkd import cost_matrix
+    >>> x = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    >>> y = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    >>> cost_matrix(x, y, "l1")
+    tensor([[1., 2.],
+            [2., 1.]])
+    >>> cost_matrix(x, y, "sqeuclidean", precision="fp32")
+    tensor([[1., 2.],
+            [2., 1.]])
+    >>> cost_matrix(torch.rand(3, 5, 7), torch.rand(3, 4, 7), "cosine").shape  # batched
+    torch.Size([3, 5, 4])
+
+    References
+    ----------
+    .. [1] X. Cui et al. "Sinkhorn Distance Minimization for Knowledge Distillation".
+           LREC-COLING 2024. arXiv:2402.17110.
+    """
     check_choice("cost", name, COSTS)
     if x.shape[-1] != y.shape[-1] or x.shape[:-2] != y.shape[:-2]:
         raise ValueError(f"cost_matrix: x {tuple(x.shape)} and y {tuple(y.shape)} must share batch and feature sizes")

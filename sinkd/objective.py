@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -11,8 +12,7 @@ import torch.nn.functional as F
 from ._checks import check_choice, check_logits, check_nonnegative, check_open_unit, check_positive
 from .divergences import DIVERGENCES, REDUCTIONS, divergence
 from .sinkhorn_loss import SinkhornConfig, _dataclass_from_dict, sinkhorn_loss
-from .topk import TopKDistribution
-from .topk_teacher import check_topk_teacher
+from .topk import TopKDistribution, check_topk_teacher
 
 
 @dataclass(frozen=True)
@@ -45,15 +45,29 @@ class ObjectiveConfig:
         return cls(alpha=alpha, beta=beta, temperature=2.0, sinkhorn=SinkhornConfig.paper(), **overrides)
 
     @classmethod
-    def from_dict(cls, values: dict | None) -> "ObjectiveConfig":
-        """From a plain mapping (YAML); errors name the dotted key, e.g. 'objective.sinkhorn.eps'."""
-        values = dict(values or {})
-        if not isinstance(values.get("sinkhorn", {}), (dict, SinkhornConfig)):
-            raise ValueError("objective.sinkhorn must be a mapping")
-        sink = values.pop("sinkhorn", None)
-        if not isinstance(sink, SinkhornConfig):
-            sink = SinkhornConfig.from_dict(sink, prefix="objective.sinkhorn")
-        return _dataclass_from_dict(cls, {**values, "sinkhorn": sink}, prefix="objective")
+    def from_dict(cls, values: Mapping | None) -> "ObjectiveConfig":
+        """From a plain mapping (e.g. parsed YAML); ``sinkhorn`` may be a nested mapping or a SinkhornConfig.
+
+        Errors are one line naming the dotted key inside ``values``: ``betta: unknown key; valid: ...``,
+        ``sinkhorn.eps must be a finite number > 0, got 0``, ``sinkhorn must be a mapping, got list``.
+        A caller that nests this mapping (e.g. under ``objective:`` in a YAML file) prefixes its own key.
+        """
+        if values is None:
+            values = {}
+        if not isinstance(values, Mapping):
+            raise TypeError(f"ObjectiveConfig.from_dict expects a mapping, got {type(values).__name__}")
+        values = dict(values)
+        if "sinkhorn" in values:
+            sink = values.pop("sinkhorn")
+            if not isinstance(sink, (Mapping, SinkhornConfig)):
+                raise ValueError(f"sinkhorn must be a mapping, got {type(sink).__name__}")
+            if not isinstance(sink, SinkhornConfig):
+                try:
+                    sink = SinkhornConfig.from_dict(sink)
+                except ValueError as e:  # name the field from this mapping: sinkhorn.<field> ...
+                    raise ValueError(f"sinkhorn.{e}") from None
+            values["sinkhorn"] = sink
+        return _dataclass_from_dict(cls, values)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -73,19 +87,82 @@ class ObjectiveOutput:
 
 
 class DistillationObjective:
-    """Callable objective: objective(student_logits, teacher_logits, labels=None, mask=None).
+    r"""The combined distillation loss: cross-entropy + alpha * KD divergence + beta * SinKD loss.
 
-    Logits are (N, V) for classification or (B, L, V) for tokens. The teacher is treated as frozen
-    (its logits are detached). mask selects rows for the KD and Sinkhorn terms; when it is None and
-    labels are given, rows whose label is ignore_index are left out (padding, prompt tokens).
-    The teacher may also be a TopKDistribution (a logit cache's top-k probabilities, ids and rest
-    mass per row): KD spreads the rest evenly over the other tokens, Sinkhorn uses the sparse L1 cost.
+    .. math::
+
+        \mathcal{L} = w_{ce}\, \mathrm{CE}(z_s, y)
+                    + \alpha\, D_{\mathrm{name}}(p_t, p_s; T)
+                    + \beta\, \mathcal{L}_{\mathrm{Sinkhorn}}(z_s, z_t)
+
+    with :math:`w_{ce}` = ``config.ce_weight``; CE the mean over rows whose label is not
+    ``config.ignore_index`` of :math:`-\log \mathrm{softmax}(z_s)_y` (at temperature 1; 0 when every
+    label is ignored); the divergence D of :func:`sinkd.divergence`
+    (``config.divergence`` at ``config.temperature``, e.g. :math:`T^2\, \mathrm{KL}(p_t \| p_s)`,
+    reduced by ``config.reduction``) and the Sinkhorn term of :func:`sinkd.sinkhorn_loss` with
+    ``config.sinkhorn`` (its own temperature) [1]_. A term whose weight is 0 is not computed (its
+    value is reported as 0). ``ObjectiveConfig.paper(alpha, beta)`` is the SinKD setting.
+
+    Parameters
+    ----------
+    config : ObjectiveConfig, optional
+        Weights and options of every term (default ``ObjectiveConfig()``: CE + Sinkhorn, no KD).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sinkd import DistillationObjective, ObjectiveConfig
+    >>> objective = DistillationObjective(ObjectiveConfig.paper(alpha=0.5, beta=1.0))
+    >>> student = torch.zeros(4, 10, requires_grad=True)
+    >>> teacher = torch.eye(4, 10) * 5
+    >>> out = objective(student, teacher, labels=torch.tensor([0, 1, 2, 3]))
+    >>> out.loss.backward()
+    >>> sorted(out.as_dict())
+    ['ce', 'kd', 'loss', 'sinkhorn']
+    >>> round(out.ce.item(), 4)  # log(10): uniform student
+    2.3026
+
+    References
+    ----------
+    .. [1] X. Cui et al. "Sinkhorn Distance Minimization for Knowledge Distillation".
+           LREC-COLING 2024. arXiv:2402.17110.
     """
 
     def __init__(self, config: ObjectiveConfig | None = None):
         self.config = config or ObjectiveConfig()
 
     def __call__(self, student_logits, teacher_logits, labels=None, mask=None) -> ObjectiveOutput:
+        """Evaluate every term on one batch.
+
+        Parameters
+        ----------
+        student_logits : Tensor, shape (N, V) (classification) or (B, L, V) (tokens), floating point
+            The student's logits; the loss is differentiable in them.
+        teacher_logits : Tensor of the same shape, or TopKDistribution
+            The teacher's logits, detached here (the teacher is frozen). Or a
+            :class:`sinkd.TopKDistribution` over the same rows (a logit cache's top-k probabilities at
+            T = 1, ids and rest mass, e.g. ``TopKDistribution.from_logits(logits, k)``): the KD term
+            spreads the rest evenly over the other tokens, the Sinkhorn term uses the sparse L1 cost.
+        labels : Tensor of int, shape (N,) or (B, L), optional
+            Targets of the CE term (required when ``ce_weight > 0``); entries equal to
+            ``config.ignore_index`` are left out of CE and, when ``mask`` is None, of KD and Sinkhorn.
+        mask : Tensor of bool, shape (N,) or (B, L), optional
+            Rows kept by the KD and Sinkhorn terms (CE always uses ``labels`` / ignore_index).
+            Default: ``labels != ignore_index`` when labels are given, else every row.
+
+        Returns
+        -------
+        ObjectiveOutput
+            ``loss`` (shape (), the weighted total to backward) and the unweighted ``ce``, ``kd`` and
+            ``sinkhorn`` values (0 for a term whose weight is 0); ``as_dict()`` gives them as floats.
+
+        Raises
+        ------
+        ValueError
+            One line: missing labels with ce_weight > 0, a labels or mask shape that is not the
+            logits' row shape, and every input error of :func:`sinkd.divergence` /
+            :func:`sinkd.sinkhorn_loss`.
+        """
         cfg = self.config
         if isinstance(teacher_logits, TopKDistribution):
             check_topk_teacher(student_logits, teacher_logits)

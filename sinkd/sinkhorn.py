@@ -5,10 +5,10 @@ normalisation (f update) then a column normalisation (g update), i.e. exactly th
 `K / K.sum(1); K / K.sum(0)` loop of the SinKD reference when both marginals are all-ones, but
 without under/overflow at small eps or large costs.
 
-Large problems (n * m above `block_elements`, e.g. N=8192: 64M entries) are solved in slices of
-rows (f update) and columns (g update), so each half-iteration's temporaries are one slice, never a
-fresh N x M copy; with grad="envelope" the iterations keep nothing for autograd and the plan is
-built in one buffer, in place.
+Large problems (more than `slice_elements` cost entries, e.g. N=8192: 64M entries) are solved in
+slices of rows (f update) and columns (g update), so each half-iteration's temporaries are one
+slice, never a fresh N x M copy; with grad="envelope" the iterations keep nothing for autograd and
+the plan is built in one buffer, in place.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from ._checks import check_choice, check_int_at_least, check_open_unit, check_positive
 
 GRAD_MODES = ("unrolled", "envelope")
-DEFAULT_BLOCK_ELEMENTS = 1 << 24  # problems up to 16M entries (64 MiB fp32) take the unsliced path
+DEFAULT_SLICE_ELEMENTS = 1 << 24  # problems up to 16M entries (64 MiB fp32) take the unsliced path
 
 
 @dataclass
@@ -61,17 +61,104 @@ def sinkhorn(
     grad: str = "unrolled",
     log_a: torch.Tensor | None = None,
     log_b: torch.Tensor | None = None,
-    block_elements: int | None = None,
+    slice_elements: int | None = None,
 ) -> SinkhornResult:
-    """Entropic OT between marginals `a` (rows) and `b` (columns) of `cost` (..., n, m).
+    r"""Entropic optimal transport between the rows and columns of ``cost``, in the log domain.
 
-    a, b: weights (uniform 1/n, 1/m by default; give all-ones for the paper's plain normalisation),
-    or their logs via log_a / log_b. tol: stop once the L1 row-marginal error is below it.
-    eps_start: anneal eps geometrically (factor eps_decay per iteration) from eps_start down to eps.
-    grad: "unrolled" differentiates through the iterations; "envelope" holds the plan constant,
-    so d cost = P * dC (the gradient of the regularised value, exact at convergence).
-    block_elements: largest temporary (entries) of one log-sum-exp slice; problems with more than
-    that many cost entries (default 16M) iterate slice by slice (same values up to rounding).
+    Solves, for each problem in the leading (batch) dimensions of ``cost``,
+
+    .. math::
+
+        P^\star = \operatorname*{argmin}_{P \ge 0,\ P \mathbf{1}_m = a,\ P^\top \mathbf{1}_n = b}
+                  \langle P, C \rangle + \varepsilon\, \mathrm{KL}(P \,\|\, a b^\top),
+        \qquad \mathrm{KL}(P \,\|\, a b^\top) = \sum_{ij} P_{ij} \log \frac{P_{ij}}{a_i b_j}
+
+    by Sinkhorn's alternating scaling [2]_ written on the dual potentials f (n,) and g (m,):
+
+    .. math::
+
+        f_i \leftarrow \varepsilon \Big(\log a_i - \operatorname{logsumexp}_j \frac{g_j - C_{ij}}{\varepsilon}\Big),
+        \qquad
+        g_j \leftarrow \varepsilon \Big(\log b_j - \operatorname{logsumexp}_i \frac{f_i - C_{ij}}{\varepsilon}\Big),
+
+    and returns the plan :math:`P_{ij} = \exp((f_i + g_j - C_{ij}) / \varepsilon)`. Each iteration
+    updates f then g, so after the last one the column sums equal b (up to rounding) and the row
+    sums approach a. With ``a = b = 1`` (all-ones) one iteration is the reference SinKD loop
+    ``K = K / K.sum(1); K = K / K.sum(0)`` on ``K = exp(-C / eps)`` [1]_, without its under/overflow.
+
+    Parameters
+    ----------
+    cost : Tensor, shape (..., n, m), floating point
+        Ground cost C; leading dimensions are independent problems solved together.
+    eps : float
+        Entropic regularisation, finite and > 0. Smaller is sharper (closer to unregularised OT) and
+        needs more iterations.
+    a : Tensor, shape (n,) or (..., n), optional
+        Row weights, finite and >= 0 (zeros allowed: that row gets potential -inf and no mass).
+        Default uniform 1/n. Pass ``torch.ones(n)`` for the paper's plain normalisation. Their total
+        should equal that of ``b`` (a balanced problem); the solver does not renormalise them.
+    b : Tensor, shape (m,) or (..., m), optional
+        Column weights, as ``a``. Default uniform 1/m.
+    max_iter : int, default 100
+        Number of (f, g) iterations, >= 1; the solver stops earlier only when ``tol`` is set.
+    tol : float, optional
+        Stop once the L1 row-marginal error max over the batch of sum_i |P 1 - a|_i is below tol
+        (checked every iteration once eps has reached its final value; costs one extra
+        log-sum-exp per iteration). None: always run max_iter iterations.
+    eps_start : float, optional
+        Epsilon annealing: iteration t uses max(eps, eps_start * eps_decay**t). None: eps throughout.
+    eps_decay : float, default 0.5
+        Annealing factor, in (0, 1); only used with ``eps_start``.
+    grad : {"unrolled", "envelope"}, default "unrolled"
+        "unrolled": autograd through every iteration (as the paper's code). "envelope": the
+        iterations run without autograd and the plan is held constant, so the gradient of both
+        ``result.cost`` and ``result.value`` with respect to ``cost`` is exactly P, which is the
+        gradient of the regularised value at convergence (envelope theorem); the entropy term
+        carries no gradient. Needs far less memory than "unrolled".
+    log_a, log_b : Tensor, optional
+        log of the row / column weights, used instead of ``a`` / ``b`` when given (not checked;
+        -inf marks a zero weight). Useful when the weights are log-probabilities already.
+    slice_elements : int, optional
+        Memory budget of the solver, in tensor entries (>= 1; default 2**24 = 16M). When the cost
+        has more entries than this (batch * n * m), each log-sum-exp is computed over slices of
+        rows (f update) or columns (g update) holding at most about this many entries, and with
+        grad="envelope" the plan is built in one buffer, in place. Same values up to rounding;
+        smaller is leaner and slower.
+
+    Returns
+    -------
+    SinkhornResult
+        ``plan`` (..., n, m): P. ``cost`` (...,): the transport cost <P, C>. ``value`` (...,): the
+        regularised objective <P, C> + eps * KL(P || a b^T). ``f`` (..., n), ``g`` (..., m): the dual
+        potentials. ``n_iter`` (int): iterations run. ``marginal_error`` (float or None): the L1
+        row-marginal error at the last check, None when ``tol`` is None.
+
+    Raises
+    ------
+    ValueError
+        One line naming the argument: eps, max_iter, grad, tol, eps_start, eps_decay, slice_elements
+        out of range; ``cost`` not at least 2-D; a / b of the wrong length, negative or non-finite.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sinkd import sinkhorn
+    >>> cost = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    >>> result = sinkhorn(cost, eps=0.5, max_iter=100, tol=1e-6)
+    >>> result.plan.sum(-1)  # row marginals: uniform 1/n
+    tensor([0.5000, 0.5000])
+    >>> round(result.cost.item(), 4)  # 2 * 0.5 / (1 + e^2): the off-diagonal mass
+    0.1192
+    >>> sinkhorn(torch.rand(4, 3, 5), eps=0.1).plan.shape  # a batch of 4 problems
+    torch.Size([4, 3, 5])
+
+    References
+    ----------
+    .. [1] X. Cui, Y. Qin, Y. Gao, E. Zhang, Z. Xu, T. Wu, K. Li, X. Sun, W. Zhou, H. Li.
+           "Sinkhorn Distance Minimization for Knowledge Distillation". LREC-COLING 2024.
+           arXiv:2402.17110.
+    .. [2] M. Cuturi. "Sinkhorn Distances: Lightspeed Computation of Optimal Transport".
+           NeurIPS 2013. arXiv:1306.0895.
     """
     eps = check_positive("eps", eps)
     check_int_at_least("max_iter", max_iter, 1)
@@ -81,12 +168,12 @@ def sinkhorn(
     if eps_start is not None:
         check_positive("eps_start", eps_start)
         check_open_unit("eps_decay", eps_decay)
-    if block_elements is not None:
-        check_int_at_least("block_elements", block_elements, 1)
+    if slice_elements is not None:
+        check_int_at_least("slice_elements", slice_elements, 1)
     if cost.dim() < 2:
         raise ValueError(f"cost must have shape (..., n, m), got {tuple(cost.shape)}")
     n, m = cost.shape[-2:]
-    budget = block_elements or DEFAULT_BLOCK_ELEMENTS
+    budget = slice_elements or DEFAULT_SLICE_ELEMENTS
     batch = cost[..., 0, 0].numel()
     sliced = batch * n * m > budget
     log_a = log_a if log_a is not None else _log_marginal(a, n, cost, "a")

@@ -11,6 +11,7 @@ vocabulary, with a 0/1 ground cost between classes (its unregularised value is t
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +26,7 @@ from ._checks import (
 )
 from .costs import COSTS, L1_IMPLS, cost_matrix, l1_backend
 from .sinkhorn import GRAD_MODES, sinkhorn
-from .topk import TopKDistribution, topk_l1_cost
-from .topk_teacher import check_topk_teacher, select_rows, tempered_distribution, truncate
+from .topk import TopKDistribution, check_topk_teacher, select_rows, tempered_distribution, topk_l1_cost, truncate
 
 MODES = ("batch", "sample")
 NORMALIZATIONS = ("uniform", "plain")
@@ -35,8 +35,42 @@ SAMPLE_MODE_MAX_ELEMENTS = 1 << 26  # N * V * V entries of sample-wise plans
 
 @dataclass(frozen=True)
 class SinkhornConfig:
-    """Options of the Sinkhorn term. normalization "uniform": marginals 1/N (loss = mean cost
-    per row); "plain": row and column sums of 1, as the reference's K/K.sum(1), K/K.sum(0) loop."""
+    """Options of the Sinkhorn term (:func:`sinkhorn_loss`); every field is checked on construction.
+
+    Fields and where each one goes:
+
+    - ``eps`` (> 0, default 0.1), ``max_iter`` (>= 1, default 20), ``tol`` (> 0 or None),
+      ``eps_start`` (> 0 or None), ``eps_decay`` (in (0, 1), default 0.5), ``grad``
+      ("unrolled" / "envelope"), ``slice_elements`` (>= 1 or None: the solver's default 2**24):
+      passed unchanged to :func:`sinkd.sinkhorn` for every plan, batch and sample mode alike.
+    - ``temperature`` (> 0, default 1): both sides' softmax temperature T (a top-k teacher is
+      re-tempered, see :mod:`sinkd.topk`). No T^2 factor is applied to the Sinkhorn term.
+    - ``cost`` ("l1", "l2", "sqeuclidean", "cosine"): the ground cost between rows (batch mode).
+    - ``normalization``: "uniform" (marginals 1/N: the loss is the mean transport cost per row)
+      or "plain" (row and column sums of 1, as the reference's ``K/K.sum(1), K/K.sum(0)`` loop:
+      N times the uniform value at convergence). Batch mode only; sample mode's marginals are
+      the two distributions themselves.
+    - ``mode``: "batch" (the paper's batch-wise OT between the N student and N teacher rows) or
+      "sample" (each row alone, over the vocabulary, 0/1 ground cost; needs grad "unrolled").
+    - ``group_size`` (>= 1 or None): batch mode plans over consecutive blocks of this many rows.
+    - ``l1_impl`` ("auto", "chunked", "dense", "triton") and ``l1_tile_elements`` (>= 1 or None):
+      the dense L1 cost's backend and the chunked backend's backward tile budget, passed to
+      :func:`sinkd.l1_cost` as ``impl`` / ``tile_elements`` (the tiles apply only when the chunked
+      backend runs; the fused Triton path and the top-k cost have none).
+    - ``topk`` (>= 1 or None): compare each pair on the union of their top-k tokens plus a rest
+      bucket (:func:`sinkd.topk_l1_cost`); cost "l1" and mode "batch" only.
+
+    Errors are one line that starts with the field's name, e.g. ``eps must be a finite number > 0,
+    got 0`` (``ObjectiveConfig.from_dict`` prefixes them with ``sinkhorn.``).
+
+    Examples
+    --------
+    >>> from sinkd import SinkhornConfig
+    >>> SinkhornConfig.paper().temperature, SinkhornConfig.paper().normalization
+    (2.0, 'plain')
+    >>> SinkhornConfig.from_dict({"eps": 0.05, "group_size": 128}).eps
+    0.05
+    """
 
     eps: float = 0.1
     max_iter: int = 20
@@ -50,33 +84,36 @@ class SinkhornConfig:
     eps_start: float | None = None
     eps_decay: float = 0.5
     l1_impl: str = "auto"
-    block_elements: int | None = None
+    l1_tile_elements: int | None = None  # chunked L1 backward: entries per (rows, m, vocab) tile of signs
+    slice_elements: int | None = None  # solver: problems with more cost entries iterate slice by slice
     topk: int | None = None  # sparse vocabulary: compare each pair on its top-k tokens plus a rest bucket
 
     def __post_init__(self):
-        check_positive("sinkhorn.eps", self.eps)
-        check_int_at_least("sinkhorn.max_iter", self.max_iter, 1)
+        check_positive("eps", self.eps)
+        check_int_at_least("max_iter", self.max_iter, 1)
         if self.tol is not None:
-            check_positive("sinkhorn.tol", self.tol)
-        check_choice("sinkhorn.cost", self.cost, COSTS)
-        check_choice("sinkhorn.l1_impl", self.l1_impl, L1_IMPLS)
-        check_positive("sinkhorn.temperature", self.temperature)
-        check_choice("sinkhorn.normalization", self.normalization, NORMALIZATIONS)
-        check_choice("sinkhorn.grad", self.grad, GRAD_MODES)
-        check_choice("sinkhorn.mode", self.mode, MODES)
+            check_positive("tol", self.tol)
+        check_choice("cost", self.cost, COSTS)
+        check_choice("l1_impl", self.l1_impl, L1_IMPLS)
+        check_positive("temperature", self.temperature)
+        check_choice("normalization", self.normalization, NORMALIZATIONS)
+        check_choice("grad", self.grad, GRAD_MODES)
+        check_choice("mode", self.mode, MODES)
         if self.group_size is not None:
-            check_int_at_least("sinkhorn.group_size", self.group_size, 1)
+            check_int_at_least("group_size", self.group_size, 1)
         if self.eps_start is not None:
-            check_positive("sinkhorn.eps_start", self.eps_start)
-        check_open_unit("sinkhorn.eps_decay", self.eps_decay)
+            check_positive("eps_start", self.eps_start)
+        check_open_unit("eps_decay", self.eps_decay)
         if self.mode == "sample" and self.grad == "envelope":
-            raise ValueError("sinkhorn.grad: 'envelope' needs a cost that depends on the logits; mode 'sample' supports 'unrolled' only")
-        if self.block_elements is not None:
-            check_int_at_least("sinkhorn.block_elements", self.block_elements, 1)
+            raise ValueError("grad: 'envelope' needs a cost that depends on the logits; mode 'sample' supports 'unrolled' only")
+        if self.l1_tile_elements is not None:
+            check_int_at_least("l1_tile_elements", self.l1_tile_elements, 1)
+        if self.slice_elements is not None:
+            check_int_at_least("slice_elements", self.slice_elements, 1)
         if self.topk is not None:
-            check_int_at_least("sinkhorn.topk", self.topk, 1)
+            check_int_at_least("topk", self.topk, 1)
             if self.cost != "l1" or self.mode != "batch":
-                raise ValueError("sinkhorn.topk: the sparse vocabulary works with cost 'l1' in mode 'batch' only")
+                raise ValueError("topk: the sparse vocabulary works with cost 'l1' in mode 'batch' only")
 
     @classmethod
     def paper(cls, **overrides) -> "SinkhornConfig":
@@ -85,18 +122,25 @@ class SinkhornConfig:
         return cls(**{**base, **overrides})
 
     @classmethod
-    def from_dict(cls, values: dict | None, prefix: str = "sinkhorn") -> "SinkhornConfig":
-        return _dataclass_from_dict(cls, values or {}, prefix)
+    def from_dict(cls, values: Mapping | None) -> "SinkhornConfig":
+        """From a plain mapping of field names (e.g. parsed YAML); None or {} gives the defaults.
+        Errors name the field relative to the mapping: ``epsilon: unknown key; valid: ...``."""
+        return _dataclass_from_dict(cls, {} if values is None else values)
+
+    def _solver_options(self) -> dict:
+        """The keyword arguments of :func:`sinkd.sinkhorn` this config sets (every plan gets them)."""
+        return {"max_iter": self.max_iter, "tol": self.tol, "eps_start": self.eps_start, "eps_decay": self.eps_decay,
+                "grad": self.grad, "slice_elements": self.slice_elements}
 
 
-def _dataclass_from_dict(cls, values: dict, prefix: str):
-    """Build a config dataclass, rejecting unknown keys with their full dotted name."""
-    if not isinstance(values, dict):
-        raise ValueError(f"{prefix} must be a mapping, got {type(values).__name__}")
+def _dataclass_from_dict(cls, values: Mapping):
+    """Build a config dataclass, rejecting unknown keys by name (relative to `values`)."""
+    if not isinstance(values, Mapping):
+        raise TypeError(f"{cls.__name__}.from_dict expects a mapping, got {type(values).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"{prefix}.{unknown[0]}: unknown key; valid: {', '.join(sorted(names))}")
+        raise ValueError(f"{unknown[0]}: unknown key; valid: {', '.join(sorted(names))}")
     return cls(**values)
 
 
@@ -108,20 +152,94 @@ def sinkhorn_loss(
     mask: torch.Tensor | None = None,
     **overrides,
 ) -> torch.Tensor:
-    """SinKD loss between logits (N, V) or (B, L, V); rows where mask is False are left out.
+    r"""The SinKD loss [1]_: entropic optimal transport between the student's and the teacher's rows.
 
-    Options come from `config` (default SinkhornConfig()) with keyword overrides, e.g.
-    ``sinkhorn_loss(zs, zt, eps=0.05, group_size=256)`` or ``sinkhorn_loss(zs, zt, SinkhornConfig.paper())``.
-    The teacher may be a TopKDistribution (top-k probabilities at T=1, ids, rest mass; e.g. read from a
-    logit cache): the cost is then the sparse L1 cost on the union of top-k supports plus a rest
-    bucket (`topk_l1_cost`), the student's k being `config.topk` or else the teacher's k.
+    With :math:`p^s_i = \mathrm{softmax}(z^s_i / T)` and :math:`p^t_j = \mathrm{softmax}(z^t_j / T)`
+    for the N kept rows, batch mode (the paper's) builds the N x N cost
+    :math:`C_{ij} = c(p^s_i, p^t_j)` (``config.cost``, L1 by default), solves
+
+    .. math::
+
+        P = \operatorname*{argmin}_{P \mathbf{1} = a,\ P^\top \mathbf{1} = b}
+            \langle P, C \rangle + \varepsilon\, \mathrm{KL}(P \,\|\, a b^\top)
+
+    with :func:`sinkd.sinkhorn` [2]_ (``config.max_iter`` iterations), and returns the transport cost
+
+    .. math::
+
+        \mathcal{L} = \langle P, C \rangle = \sum_{ij} P_{ij} C_{ij}
+
+    (the entropy term is not added). ``normalization="uniform"``: a = b = 1/N, so L is the mean
+    cost per row; ``"plain"``: a = b = 1, the reference implementation's scaling (N times larger at
+    convergence). ``group_size=G`` solves one G x G plan per block of G consecutive rows (the last
+    block may be shorter) and adds them, each weighted by its share of rows (G/N) under "uniform",
+    1 under "plain"; G >= N is batch mode exactly. ``mode="sample"`` instead transports each
+    student row onto its own teacher row over the vocabulary with the 0/1 ground cost
+    :math:`1 - \delta_{uv}` (a = p^s_i, b = p^t_i) and returns the mean over rows; at small eps it
+    tends to the total variation distance.
+
+    Parameters
+    ----------
+    student_logits : Tensor, shape (N, V) or (B, L, V), floating point
+        Student logits; rows are samples (classification) or tokens. Gradients flow into them.
+    teacher_logits : Tensor of the same shape, or TopKDistribution
+        Teacher logits (not detached here: pass detached logits for a frozen teacher, as
+        :class:`sinkd.DistillationObjective` does). Or a :class:`sinkd.TopKDistribution` with fields
+        (..., k) / (...) over the same rows (e.g. from a logit cache, probabilities at T = 1): it is
+        re-tempered at T with its rest spread evenly over the V - k other tokens, and the cost is the
+        sparse L1 cost on the union of both top-k supports plus a rest bucket
+        (:func:`sinkd.topk_l1_cost`, student k = ``config.topk`` or the teacher's k); needs cost "l1"
+        and mode "batch".
+    config : SinkhornConfig, optional
+        All options (default ``SinkhornConfig()``); see :class:`SinkhornConfig` for each field.
+    mask : Tensor of bool, shape (N,) or (B, L), optional
+        Rows to keep (False: padding, prompt tokens). The kept rows are flattened to one set of N
+        rows; with nothing kept the loss is 0 (still attached to the graph).
+    **overrides
+        Any :class:`SinkhornConfig` field, replacing the config's value, e.g. ``eps=0.05``.
+
+    Returns
+    -------
+    Tensor, shape ()
+        The loss, in the dtype of the probabilities (fp32 on the fused Triton L1 path).
+
+    Raises
+    ------
+    ValueError
+        One line: shape or vocabulary mismatch, non-finite logits, a bad mask shape, a bad top-k
+        teacher, a bad config field (named as the field, e.g. ``eps must be ...``), or
+        ``mode: 'sample' needs N*V*V = ... plan entries`` above 2**26.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sinkd import SinkhornConfig, sinkhorn_loss
+    >>> teacher = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
+    >>> student = teacher.clone().requires_grad_()
+    >>> round(sinkhorn_loss(student, teacher, max_iter=50).item(), 4)  # identical rows: near 0
+    0.0
+    >>> loss = sinkhorn_loss(torch.zeros(2, 3, requires_grad=True), teacher, SinkhornConfig.paper())
+    >>> loss.backward()
+    >>> loss.item() > 0
+    True
+    >>> sinkhorn_loss(torch.randn(2, 8, 50), torch.randn(2, 8, 50), group_size=4).shape  # tokens, 4 groups
+    torch.Size([])
+
+    References
+    ----------
+    .. [1] X. Cui, Y. Qin, Y. Gao, E. Zhang, Z. Xu, T. Wu, K. Li, X. Sun, W. Zhou, H. Li.
+           "Sinkhorn Distance Minimization for Knowledge Distillation". LREC-COLING 2024.
+           arXiv:2402.17110.
+    .. [2] M. Cuturi. "Sinkhorn Distances: Lightspeed Computation of Optimal Transport".
+           NeurIPS 2013. arXiv:1306.0895.
     """
     config = dataclasses.replace(config or SinkhornConfig(), **overrides) if overrides else (config or SinkhornConfig())
     topk_teacher = isinstance(teacher_logits, TopKDistribution)
     if topk_teacher:
         check_topk_teacher(student_logits, teacher_logits)
         if config.mode != "batch" or config.cost != "l1":
-            raise ValueError("sinkhorn: a top-k teacher (logit cache) works with cost 'l1' in mode 'batch' only")
+            raise ValueError("teacher_logits: a top-k teacher (logit cache) works with cost 'l1' in mode 'batch' only, "
+                             f"got cost {config.cost!r}, mode {config.mode!r}")
     else:
         check_logits(student_logits, teacher_logits)
     flat_mask = check_mask(mask, student_logits.shape[:-1])
@@ -189,15 +307,12 @@ def _block_loss(xs: torch.Tensor, xt, config: SinkhornConfig, from_logits: bool 
     elif config.topk is not None:
         cost = torch.stack([topk_l1_cost(s, TopKDistribution.from_probs(t, config.topk), config.topk) for s, t in zip(xs, xt)])
     else:
-        l1_options = {"impl": config.l1_impl, "block_elements": config.block_elements} if config.cost == "l1" else {}
+        l1_options = {"impl": config.l1_impl, "tile_elements": config.l1_tile_elements} if config.cost == "l1" else {}
         cost = cost_matrix(xs, xt, config.cost, **l1_options)
     ones = None
     if config.normalization == "plain":
         ones = torch.ones(cost.shape[-1], dtype=cost.dtype, device=cost.device)
-    result = sinkhorn(
-        cost, config.eps, a=ones, b=ones, max_iter=config.max_iter, tol=config.tol,
-        eps_start=config.eps_start, eps_decay=config.eps_decay, grad=config.grad,
-    )
+    result = sinkhorn(cost, config.eps, a=ones, b=ones, **config._solver_options())
     return result.cost.sum()
 
 
@@ -205,7 +320,7 @@ def _sample_wise(zs: torch.Tensor, zt: torch.Tensor, config: SinkhornConfig) -> 
     n, vocab = zs.shape
     if n * vocab * vocab > SAMPLE_MODE_MAX_ELEMENTS:
         raise ValueError(
-            f"sinkhorn.mode: 'sample' needs N*V*V = {n * vocab * vocab} plan entries (limit {SAMPLE_MODE_MAX_ELEMENTS}); "
+            f"mode: 'sample' needs N*V*V = {n * vocab * vocab} plan entries (limit {SAMPLE_MODE_MAX_ELEMENTS}); "
             "use mode 'batch' for large vocabularies"
         )
     ground = 1.0 - torch.eye(vocab, dtype=zs.dtype, device=zs.device)
@@ -213,6 +328,6 @@ def _sample_wise(zs: torch.Tensor, zt: torch.Tensor, config: SinkhornConfig) -> 
         ground.expand(n, vocab, vocab), config.eps,
         log_a=torch.log_softmax(zs / config.temperature, dim=-1),
         log_b=torch.log_softmax(zt / config.temperature, dim=-1),
-        max_iter=config.max_iter, tol=config.tol, eps_start=config.eps_start, eps_decay=config.eps_decay,
+        **config._solver_options(),
     )
     return result.cost.mean()

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import sinkd
-from sinkd.costs import TritonL1, l1_cost
+from sinkd.costs import l1_backend, l1_cost
 from sinkd.kernels import l1 as k
+from autograd_helpers import graph_names
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Tiles smaller than the sizes below and not dividing them: every edge mask is exercised.
@@ -64,19 +65,6 @@ def test_ties_give_zero_sign_like_cdist():
     assert k.l1_grad(x, y, w, "x").cpu().tolist() == [[[3.0, -2.0, -3.0]]]
 
 
-def graph_names(tensor):
-    """Names of every autograd node behind tensor."""
-    names, stack, seen = set(), [tensor.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        stack.extend(next_fn for next_fn, _ in node.next_functions)
-    return names
-
-
 @pytest.mark.parametrize(
     "dtype, options, masked",
     [
@@ -122,10 +110,22 @@ def test_function_skips_the_frozen_side_and_handles_leading_dimensions():
 
 
 def test_float64_is_refused_by_name_and_chunked_stays_exact():
-    x = torch.rand(3, 4, dtype=torch.float64, device=DEVICE)
+    """The fp32 kernels never see float64: "triton" is refused by name, "auto" falls back to an exact
+    path (chunked on CUDA, cdist on CPU), and the chunked path keeps float64 values and gradients."""
+    gen = torch.Generator().manual_seed(5)
+    x, y, w = (torch.rand(*shape, generator=gen, dtype=torch.float64).to(DEVICE) for shape in ((1, 7, 33), (1, 5, 33), (1, 7, 5)))
     with pytest.raises(ValueError, match="^l1_impl: 'triton' needs .*float64"):
         l1_cost(x, x, impl="triton")
-    assert TritonL1 is sinkd.costs.TritonL1
+    assert l1_backend(x) == ("chunked" if x.is_cuda else "dense")
+    xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+    cost = l1_cost(xr, yr, impl="chunked")
+    assert cost.dtype == torch.float64 and "ChunkedL1Backward" in graph_names(cost)
+    (cost * w).sum().backward()
+    ref_c, ref_gx, ref_gy = reference(x, y, w)  # float64 signs summed by einsum
+    torch.testing.assert_close(cost.detach().cpu(), ref_c, rtol=1e-13, atol=0)
+    torch.testing.assert_close(xr.grad.cpu(), ref_gx, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(yr.grad.cpu(), ref_gy, rtol=1e-13, atol=1e-13)
+    assert xr.grad.dtype == yr.grad.dtype == torch.float64
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

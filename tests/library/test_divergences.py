@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sinkd import divergence
+from sinkd import TopKDistribution, divergence
 
 
 
@@ -106,8 +106,6 @@ def topk_teacher(zt, k):
     """The reference top-k teacher in float64: kept probabilities, ids, and 1 - their sum as the rest."""
     p = torch.softmax(zt, -1)
     values, ids = p.topk(k, -1)
-    from sinkd import TopKDistribution
-
     return TopKDistribution(values, ids, 1 - values.sum(-1))
 
 
@@ -131,12 +129,10 @@ def teacher_by_hand(zt, k, T):
 @pytest.mark.parametrize("name", sorted(HAND))
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_topk_teacher_with_k_equal_v_is_the_full_divergence(name, temperature):
-    from sinkd.topk_teacher import teacher_topk
-
     zs, zt = logits(20, 2, 4, 9).requires_grad_(), logits(21, 2, 4, 9)
     mask = torch.tensor([[True, False, True, True], [False, True, True, True]])
     dense = divergence(zs, zt, name, temperature=temperature, mask=mask, skew_alpha=0.3)
-    sparse = divergence(zs, teacher_topk(zt, 9), name, temperature=temperature, mask=mask, skew_alpha=0.3)
+    sparse = divergence(zs, TopKDistribution.from_logits(zt, 9), name, temperature=temperature, mask=mask, skew_alpha=0.3)
     torch.testing.assert_close(sparse, dense, rtol=1e-12, atol=1e-14)
     g_dense, = torch.autograd.grad(dense, zs)
     g_sparse, = torch.autograd.grad(sparse, zs)
@@ -153,14 +149,12 @@ def test_topk_teacher_matches_hand_formula_with_the_rest_spread_evenly(name, k, 
 
 
 def test_topk_kl_approaches_the_full_kl_as_k_grows_and_stays_finite():
-    from sinkd.topk_teacher import teacher_topk
-
     zs, zt = logits(24, 16, 50).requires_grad_(), 3 * logits(25, 16, 50)
     full = divergence(zs, zt, "kl").item()
-    errors = [abs(divergence(zs, teacher_topk(zt, k), "kl").item() - full) for k in (1, 5, 20, 50)]
+    errors = [abs(divergence(zs, TopKDistribution.from_logits(zt, k), "kl").item() - full) for k in (1, 5, 20, 50)]
     assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-12 * full
     assert errors[2] < 0.02 * full
-    zero_rest = teacher_topk(torch.tensor([[50.0, -50.0, -50.0]]), 1)  # rest underflows to exactly 0
+    zero_rest = TopKDistribution.from_logits(torch.tensor([[50.0, -50.0, -50.0]]), 1)  # rest underflows to exactly 0
     student = torch.zeros(1, 3, requires_grad=True)
     out = divergence(student, zero_rest, "rkl")
     out.backward()

@@ -54,18 +54,42 @@ def test_ignored_labels_mask_kd_and_sinkhorn_rows_for_tokens():
     torch.testing.assert_close(out.ce, F.cross_entropy(zs[keep], labels[keep]))
 
 
-def test_from_dict_round_trip_and_errors_name_the_key():
+def test_from_dict_round_trip():
     cfg = ObjectiveConfig.from_dict({"alpha": 0.5, "divergence": "skew_kl", "sinkhorn": {"eps": 0.05, "group_size": 128}})
     assert cfg.sinkhorn.eps == 0.05 and cfg.sinkhorn.group_size == 128 and cfg.divergence == "skew_kl"
     assert ObjectiveConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="objective.betta: unknown key"):
-        ObjectiveConfig.from_dict({"betta": 1.0})
-    with pytest.raises(ValueError, match="objective.sinkhorn.iters: unknown key"):
-        ObjectiveConfig.from_dict({"sinkhorn": {"iters": 5}})
-    with pytest.raises(ValueError, match="divergence: unknown value 'kld'; valid: kl, rkl, js, tvd, skew_kl, skew_rkl"):
-        ObjectiveConfig.from_dict({"divergence": "kld"})
-    with pytest.raises(ValueError, match="alpha must be a finite number >= 0"):
+    assert ObjectiveConfig.from_dict({"sinkhorn": SinkhornConfig(eps=0.3)}).sinkhorn.eps == 0.3
+    assert ObjectiveConfig.from_dict(None) == ObjectiveConfig.from_dict({}) == ObjectiveConfig()
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [  # dotted keys relative to the mapping passed; the pipeline adds "objective." itself
+        ({"betta": 1.0}, "betta: unknown key; valid: "),
+        ({"sinkhorn": {"iters": 5}}, "sinkhorn.iters: unknown key; valid: "),
+        ({"sinkhorn": {"eps": 0}}, "sinkhorn.eps must be a finite number > 0, got 0"),
+        ({"sinkhorn": {"slice_elements": 0}}, "sinkhorn.slice_elements must be an integer >= 1, got 0"),
+        ({"sinkhorn": {"mode": "sample", "grad": "envelope"}}, "sinkhorn.grad: 'envelope' needs"),
+        ({"sinkhorn": [1, 2]}, "sinkhorn must be a mapping, got list"),
+        ({"sinkhorn": None}, "sinkhorn must be a mapping, got NoneType"),
+        ({"alpha": -1}, "alpha must be a finite number >= 0, got -1"),
+        ({"divergence": "kld"}, "divergence: unknown value 'kld'; valid: kl, rkl, js, tvd, skew_kl, skew_rkl"),
+    ],
+)
+def test_from_dict_errors_start_with_the_dotted_key(values, message):
+    with pytest.raises(ValueError) as err:
+        ObjectiveConfig.from_dict(values)
+    text = str(err.value)
+    assert text.startswith(message) and "\n" not in text and not text.startswith("objective"), text
+
+
+def test_from_dict_refuses_a_non_mapping_and_direct_construction_names_fields():
+    with pytest.raises(TypeError, match="^ObjectiveConfig.from_dict expects a mapping, got list$"):
+        ObjectiveConfig.from_dict([("alpha", 1.0)])
+    with pytest.raises(ValueError, match="^alpha must be a finite number >= 0"):
         ObjectiveConfig(alpha=-1)
+    with pytest.raises(ValueError, match="^sinkhorn must be a SinkhornConfig, got dict$"):
+        ObjectiveConfig(sinkhorn={"eps": 0.1})
 
 
 def test_missing_labels_or_bad_label_shape_are_rejected():
@@ -79,7 +103,7 @@ def test_missing_labels_or_bad_label_shape_are_rejected():
 def test_topk_teacher_objective_equals_dense_at_k_equal_v_and_is_close_below():
     """A logit cache's teacher (top-k + rest) gives the live-teacher objective exactly when k = V,
     and within a few percent for a peaked teacher at k = V / 4 (the top-k approximation)."""
-    from sinkd.topk_teacher import teacher_topk
+    from sinkd import TopKDistribution
 
     V = 64
     zs, zt = logits(40, 3, 10, V).requires_grad_(), 4 * logits(41, 3, 10, V)
@@ -88,10 +112,10 @@ def test_topk_teacher_objective_equals_dense_at_k_equal_v_and_is_close_below():
     objective = DistillationObjective(ObjectiveConfig(alpha=1.0, beta=1.0, temperature=2.0,
                                                       sinkhorn=SinkhornConfig.paper(group_size=8)))
     dense = objective(zs, zt, labels=labels)
-    exact = objective(zs, teacher_topk(zt, V), labels=labels)
+    exact = objective(zs, TopKDistribution.from_logits(zt, V), labels=labels)
     for name in ("loss", "kd", "sinkhorn"):
         assert exact.as_dict()[name] == pytest.approx(dense.as_dict()[name], rel=1e-12)
     torch.testing.assert_close(torch.autograd.grad(exact.loss, zs)[0], torch.autograd.grad(dense.loss, zs)[0])
-    approx = objective(zs, teacher_topk(zt, V // 4), labels=labels)
+    approx = objective(zs, TopKDistribution.from_logits(zt, V // 4), labels=labels)
     assert approx.as_dict()["loss"] == pytest.approx(dense.as_dict()["loss"], rel=0.05)
     assert approx.as_dict()["ce"] == dense.as_dict()["ce"]

@@ -110,6 +110,7 @@ def test_envelope_and_unrolled_agree_on_the_value_gradient_at_convergence():
         ({"a": torch.ones(3)}, "a has 3 entries"),
         ({"b": -torch.ones(4)}, "b must be finite and >= 0"),
         ({"eps_start": 1.0, "eps_decay": 1.5}, "eps_decay must be in (0, 1)"),
+        ({"slice_elements": 0}, "slice_elements must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_inputs_are_rejected_with_the_field_named(kwargs, message):
@@ -121,7 +122,7 @@ def test_bad_inputs_are_rejected_with_the_field_named(kwargs, message):
 
 @pytest.mark.parametrize("grad", ["unrolled", "envelope"])
 def test_sliced_iterations_give_the_unsliced_results(grad):
-    """block_elements far below n*m forces the slice-by-slice path; values, plan, potentials and the
+    """slice_elements far below n*m forces the slice-by-slice path; values, plan, potentials and the
     gradient must be the unsliced ones (zero weights included: their potentials are -inf)."""
     cost, a, b = random_problem(11, 3 * 13, 17)
     a = a.clone()
@@ -129,7 +130,7 @@ def test_sliced_iterations_give_the_unsliced_results(grad):
     cost = cost.reshape(3, 13, 17).requires_grad_()
     a3 = a.reshape(3, 13)
     whole = sinkhorn(cost, 0.05, a=a3, max_iter=40, tol=1e-30, grad=grad)
-    sliced = sinkhorn(cost, 0.05, a=a3, max_iter=40, tol=1e-30, grad=grad, block_elements=40)
+    sliced = sinkhorn(cost, 0.05, a=a3, max_iter=40, tol=1e-30, grad=grad, slice_elements=40)
     for name in ("plan", "cost", "value", "g"):
         torch.testing.assert_close(getattr(sliced, name), getattr(whole, name), rtol=1e-12, atol=1e-15)
     assert sliced.marginal_error == pytest.approx(whole.marginal_error, rel=1e-10)
@@ -163,7 +164,7 @@ def test_sliced_envelope_path_allocates_no_plan_sized_tensor_per_iteration():
     cost = torch.rand(64, 64).requires_grad_()
 
     def count(iters, block):
-        return _big_allocations(lambda: sinkhorn(cost, 0.1, max_iter=iters, grad="envelope", block_elements=block).cost.backward())
+        return _big_allocations(lambda: sinkhorn(cost, 0.1, max_iter=iters, grad="envelope", slice_elements=block).cost.backward())
 
     sliced = [count(it, 512) for it in (5, 50)]
     unsliced = [count(it, None) for it in (5, 50)]

@@ -1,5 +1,7 @@
 """The SinKD loss: paper preset vs the official formulation, modes, groups, masks, errors."""
 
+import importlib
+
 import numpy as np
 import ot
 import pytest
@@ -117,27 +119,30 @@ def test_sample_mode_is_per_row_ot_over_the_vocabulary_with_01_cost():
 def test_sample_mode_gradcheck_and_size_limit():
     zs, zt = logits(18, 3, 4).requires_grad_(), logits(19, 3, 4)
     assert torch.autograd.gradcheck(lambda z: sinkhorn_loss(z, zt, mode="sample", eps=0.3, max_iter=10), (zs,))
-    with pytest.raises(ValueError, match="sinkhorn.mode: 'sample' needs N\\*V\\*V"):
+    with pytest.raises(ValueError, match="^mode: 'sample' needs N\\*V\\*V"):
         sinkhorn_loss(torch.zeros(2, 10000), torch.zeros(2, 10000), mode="sample")
 
 
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"eps": 0}, "sinkhorn.eps must be a finite number > 0"),
-        ({"max_iter": 0}, "sinkhorn.max_iter must be an integer >= 1"),
-        ({"cost": "hamming"}, "sinkhorn.cost: unknown value 'hamming'; valid: l1, l2, sqeuclidean, cosine"),
-        ({"mode": "token"}, "sinkhorn.mode: unknown value 'token'; valid: batch, sample"),
-        ({"normalization": "softmax"}, "sinkhorn.normalization: unknown value"),
-        ({"group_size": 0}, "sinkhorn.group_size must be an integer >= 1"),
-        ({"mode": "sample", "grad": "envelope"}, "sinkhorn.grad: 'envelope'"),
-        ({"l1_impl": "triton-only"}, "sinkhorn.l1_impl: unknown value 'triton-only'; valid: auto, chunked, dense"),
+        ({"eps": 0}, "eps must be a finite number > 0, got 0"),
+        ({"max_iter": 0}, "max_iter must be an integer >= 1"),
+        ({"cost": "hamming"}, "cost: unknown value 'hamming'; valid: l1, l2, sqeuclidean, cosine"),
+        ({"mode": "token"}, "mode: unknown value 'token'; valid: batch, sample"),
+        ({"normalization": "softmax"}, "normalization: unknown value"),
+        ({"group_size": 0}, "group_size must be an integer >= 1"),
+        ({"mode": "sample", "grad": "envelope"}, "grad: 'envelope'"),
+        ({"l1_impl": "triton-only"}, "l1_impl: unknown value 'triton-only'; valid: auto, chunked, dense"),
+        ({"l1_tile_elements": 0}, "l1_tile_elements must be an integer >= 1, got 0"),
+        ({"slice_elements": 0}, "slice_elements must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_options(overrides, message):
+    """Errors start with the field's own name (the caller adds any outer key, e.g. 'sinkhorn.')."""
     with pytest.raises(ValueError) as err:
         sinkhorn_loss(torch.zeros(2, 3), torch.zeros(2, 3), **overrides)
-    assert message in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
 def test_bad_logits_fail_before_any_work():
@@ -147,22 +152,113 @@ def test_bad_logits_fail_before_any_work():
         sinkhorn_loss(torch.zeros(4, 3), torch.full((4, 3), float("nan")))
 
 
-def test_from_dict_names_unknown_keys():
-    with pytest.raises(ValueError, match="sinkhorn.epsilon: unknown key; valid: "):
+def test_from_dict_names_fields_relative_to_the_mapping():
+    with pytest.raises(ValueError, match="^epsilon: unknown key; valid: "):
         SinkhornConfig.from_dict({"epsilon": 0.1})
+    with pytest.raises(ValueError, match="^eps must be a finite number > 0, got 0$"):
+        SinkhornConfig.from_dict({"eps": 0})
+    with pytest.raises(TypeError, match="^SinkhornConfig.from_dict expects a mapping, got list$"):
+        SinkhornConfig.from_dict([("eps", 0.1)])
+    assert SinkhornConfig.from_dict(None) == SinkhornConfig.from_dict({}) == SinkhornConfig()
+    assert SinkhornConfig.from_dict({"l1_tile_elements": 64, "slice_elements": 128}) == SinkhornConfig(
+        l1_tile_elements=64, slice_elements=128)
+
+
+# ----------------------------------------------------------------------------- every field reaches its consumer
+
+
+def _spy_solver(monkeypatch):
+    """Record the keyword arguments of every sinkhorn() call the loss makes (and still solve)."""
+    module = importlib.import_module("sinkd.sinkhorn_loss")  # the module: sinkd.sinkhorn_loss is the function
+
+    calls = []
+    real = module.sinkhorn
+
+    def spy(cost, eps, **kwargs):
+        calls.append({"eps": eps, **kwargs})
+        return real(cost, eps, **kwargs)
+
+    monkeypatch.setattr(module, "sinkhorn", spy)
+    return calls
+
+
+SOLVER_FIELDS = {"eps": 0.37, "max_iter": 7, "tol": 1e-3, "eps_start": 2.5, "eps_decay": 0.75, "slice_elements": 5}
+
+
+@pytest.mark.parametrize("mode", ["batch", "sample"])
+def test_every_solver_field_reaches_sinkhorn(monkeypatch, mode):
+    calls = _spy_solver(monkeypatch)
+    zs, zt = logits(40, 6, 4), logits(41, 6, 4)
+    sinkhorn_loss(zs, zt, SinkhornConfig(mode=mode, grad="unrolled", group_size=3, **SOLVER_FIELDS))
+    assert calls, "the loss never called the solver"
+    for call in calls:
+        for field, value in SOLVER_FIELDS.items():
+            assert call[field] == value, (field, call)
+        assert call["grad"] == "unrolled"
+    calls.clear()
+    sinkhorn_loss(zs, zt, SinkhornConfig(grad="envelope"))
+    assert [c["grad"] for c in calls] == ["envelope"] and calls[0]["slice_elements"] is None  # default: the solver's own
+
+
+def test_slice_elements_changes_how_the_solver_runs_and_not_the_value(monkeypatch):
+    """Behaviour, not only plumbing: a budget below N*N makes the solver slice its log-sum-exps."""
+    solver = importlib.import_module("sinkd.sinkhorn")  # the module, not the function of that name
+
+    slices = []
+    real = solver._SlicedLSE.__call__
+
+    def counting(self, t_fn, cost, dim):
+        slices.append(self.budget)
+        return real(self, t_fn, cost, dim)
+
+    monkeypatch.setattr(solver._SlicedLSE, "__call__", counting)
+    zs, zt = logits(42, 12, 5), logits(43, 12, 5)
+    whole = sinkhorn_loss(zs, zt, max_iter=10)
+    assert slices == []
+    sliced = sinkhorn_loss(zs, zt, max_iter=10, slice_elements=20)
+    assert slices and set(slices) == {20}
+    torch.testing.assert_close(sliced, whole, rtol=1e-12, atol=0)
+
+
+def test_l1_tile_elements_reaches_the_chunked_backward(monkeypatch):
+    from sinkd import costs
+
+    tiles = []
+    real = costs._tiles
+
+    def spy(n, m, d, budget):
+        tiles.append(budget)
+        return real(n, m, d, budget)
+
+    monkeypatch.setattr(costs, "_tiles", spy)
+    zs, zt = logits(44, 5, 9).requires_grad_(), logits(45, 5, 9)
+    sinkhorn_loss(zs, zt, l1_impl="chunked", l1_tile_elements=7).backward()
+    assert tiles == [7]
+    tiles.clear()
+    sinkhorn_loss(zs, zt, l1_impl="chunked").backward()
+    assert tiles == [costs.DEFAULT_TILE_ELEMENTS]  # unset: the CPU default, as before
+
+
+def test_every_config_field_is_accounted_for():
+    """A new SinkhornConfig field must be routed (and added to a test above) or this fails."""
+    import dataclasses
+
+    routed = set(SOLVER_FIELDS) | {"grad", "l1_tile_elements"}  # spied above
+    behavioural = {"cost", "temperature", "normalization", "mode", "group_size", "l1_impl", "topk"}  # tested by value
+    assert {f.name for f in dataclasses.fields(SinkhornConfig)} == routed | behavioural
 
 
 # ----------------------------------------------------------------------------- top-k teacher (logit cache)
 
 
 def test_topk_teacher_with_k_equal_v_is_the_dense_loss_with_groups_masks_and_gradients():
-    from sinkd.topk_teacher import teacher_topk
+    from sinkd import TopKDistribution
 
     zs, zt = logits(30, 3, 7, 11).requires_grad_(), logits(31, 3, 7, 11)
     mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(1)) > 0.3
     for cfg in (SinkhornConfig(), SinkhornConfig.paper(group_size=4), SinkhornConfig(temperature=2.0, grad="envelope")):
         dense = sinkhorn_loss(zs, zt, cfg, mask=mask)
-        sparse = sinkhorn_loss(zs, teacher_topk(zt, 11), cfg, mask=mask)
+        sparse = sinkhorn_loss(zs, TopKDistribution.from_logits(zt, 11), cfg, mask=mask)
         torch.testing.assert_close(sparse, dense, rtol=1e-10, atol=0)
         torch.testing.assert_close(torch.autograd.grad(sparse, zs)[0], torch.autograd.grad(dense, zs)[0], rtol=1e-8, atol=1e-12)
 
@@ -197,11 +293,11 @@ def test_topk_teacher_matches_pot_on_the_union_support_cost_by_hand():
 
 
 def test_topk_teacher_option_errors():
-    from sinkd.topk_teacher import teacher_topk
+    from sinkd import TopKDistribution
 
-    t = teacher_topk(torch.randn(4, 6), 2)
+    t = TopKDistribution.from_logits(torch.randn(4, 6), 2)
     for overrides in ({"mode": "sample"}, {"cost": "l2"}):
-        with pytest.raises(ValueError, match="a top-k teacher \\(logit cache\\) works with cost 'l1' in mode 'batch' only"):
+        with pytest.raises(ValueError, match="^teacher_logits: a top-k teacher \\(logit cache\\) works with cost 'l1' in mode 'batch' only"):
             sinkhorn_loss(torch.zeros(4, 6), t, **overrides)
     with pytest.raises(ValueError, match="exceeds the student's vocabulary"):
         sinkhorn_loss(torch.zeros(4, 1), t)

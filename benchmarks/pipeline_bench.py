@@ -1,6 +1,6 @@
 """Throughput of the pipeline vs the same training loop without Ray, on the same data.
 
-    python -m pipelines.bench [CONFIG.yaml] [--set key=value ...] [--examples 512] [--workers 1 2]
+    python benchmarks/pipeline_bench.py [CONFIG.yaml] [--set key=value ...] [--examples 512] [--workers 1 2]
 
 Both sides distil the config's student from its teacher with its objective, batch size and
 sequence length, over the same first N training rows, one epoch:
@@ -27,15 +27,15 @@ import torch
 def bare_loop(cfg, task, teacher_dir: str, threads: int) -> dict:
     from sinkd import DistillationObjective
 
-    from .config import objective_config
-    from .data import load_tokenizer
-    from .models import Classifier, build_student, build_teacher, model_kind
+    from pipelines.config import objective_config
+    from pipelines.tasks.classification.models import Classifier, build_student, build_teacher, model_kind
+    from pipelines.tasks.common import load_tokenizer
 
     torch.set_num_threads(threads)
     kind = model_kind(teacher_dir)
     torch.manual_seed(cfg.seed)
     student = Classifier(build_student(cfg, teacher_dir, kind, task.num_labels, task.label_names), kind).train()
-    teacher = Classifier(build_teacher(teacher_dir, kind, task.num_labels, task.label_names, None), kind)
+    teacher = Classifier(build_teacher(teacher_dir, kind, task.num_labels, task.label_names), kind)
     objective = DistillationObjective(objective_config(cfg.objective))
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     tok = load_tokenizer(teacher_dir)
@@ -60,13 +60,15 @@ def bare_loop(cfg, task, teacher_dir: str, threads: int) -> dict:
             "examples_per_s": round(len(rows) / elapsed, 2)}
 
 
-def pipeline_run(cfg, task, teacher_dir: str) -> dict:
-    from .train import Stage, fit_stage
+def pipeline_run(cfg, prepared) -> dict:
+    from pipelines.tasks import Stage
+    from pipelines.train.fit import fit_stage
 
     start = time.perf_counter()
-    result = fit_stage(cfg, task, Stage("bench", teacher_dir, dict(cfg.objective), cfg.train), show_progress=False)
+    stage = Stage("bench", prepared.teacher_dir, dict(cfg.objective), cfg.train)
+    result = fit_stage(cfg, prepared, stage, show_progress=False)
     fit_s = time.perf_counter() - start
-    n = task.splits["train"].num_rows
+    n = prepared.data.splits["train"].num_rows
     return {"examples": n, "workers": cfg.scaling.num_workers, "cpus_per_worker": cfg.scaling.cpus_per_worker,
             "zero_stage": cfg.train.zero_stage, "loop_examples_per_s": round(result.metrics["train_examples_per_s"], 2),
             "steady_examples_per_s": round(result.metrics["train_steady_examples_per_s"], 2),
@@ -76,10 +78,10 @@ def pipeline_run(cfg, task, teacher_dir: str) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     import ray
 
-    from .config import load_config
-    from .data import load_task
+    from pipelines.recipes.session import init_local_ray
+    from pipelines.tasks import Prepared, get_task, load_checked_config
 
-    p = argparse.ArgumentParser(prog="python -m pipelines.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/pipeline_bench.py", description=__doc__.splitlines()[0])
     p.add_argument("config", nargs="?")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--examples", type=int, default=512)
@@ -87,16 +89,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs for each side (bare threads; workers share them)")
     p.add_argument("--out")
     args = p.parse_args(argv)
-    base = load_config(args.config, args.overrides + ["train.epochs=1", "train.checkpoint_every_steps=null",
+    base = load_checked_config(args.config, args.overrides + ["train.epochs=1", "train.checkpoint_every_steps=null",
                                                       f"data.max_train_examples={args.examples}"])
-    task = load_task(base)
-    teacher_dir = base.teacher.path  # throughput does not depend on the teacher being task-tuned
+    loaded = get_task(base.task_type).prepare(base)
+    task, teacher_dir = loaded.data, base.teacher.path  # throughput does not depend on the teacher being task-tuned
+    prepared = Prepared(task, teacher_dir, False, loaded.metrics, loaded.description)
     out = {"host": platform.node(), "cpu_count": os.cpu_count(), "torch": torch.__version__, "config": args.config or "default",
            "examples": task.splits["train"].num_rows, "max_length": base.data.max_length,
            "batch_size_global": base.train.batch_size * base.scaling.num_workers,
            "bare": bare_loop(base, task, teacher_dir, args.cpus), "pipeline": []}
-    from .job import init_local_ray
-
     init_local_ray(num_cpus=args.cpus + 1, object_store_memory=512 * 2**20)
     try:
         for workers in args.workers:
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
             cfg.scaling.num_workers, cfg.scaling.cpus_per_worker = workers, args.cpus / workers
             cfg.train.batch_size = base.train.batch_size * base.scaling.num_workers // workers  # same global batch
             cfg.run_dir = os.path.join(base.run_dir, f"bench-{workers}w-{int(time.time())}")
-            out["pipeline"].append(pipeline_run(cfg, task, teacher_dir))
+            out["pipeline"].append(pipeline_run(cfg, prepared))
     finally:
         ray.shutdown()
     for row in out["pipeline"]:

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sinkd", description="Knowledge distillation with the batch-wise Sinkhorn objective.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("space", help="search space YAML, e.g. tune_spaces/sinkd_classification.yaml")
     u.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key of the base job (repeatable)")
-    from .submit import add_parser
+    from .recipes.submit import add_parser
 
     add_parser(sub)
     return p
@@ -61,65 +61,44 @@ def _quiet() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     _quiet()
-    from .config import ConfigError, load_config
-    from .tune_space import SpaceError
+    from .config import ConfigError
+    from .recipes.tune_space import SpaceError
+    from .tasks import load_checked_config
 
     try:
         if args.command == "submit":
-            from .submit import run
+            from .recipes.submit import run
 
             return run(args)
-        cfg = load_config(args.config, args.overrides)
-        raw = _raw(args.config, args.overrides)
-        if args.command == "train":
-            return _train(cfg, raw, args)
-        if args.command == "eval":
-            return _eval(cfg, args)
-        if args.command == "tune":
-            return _tune(cfg, raw, args)
-        return _export(cfg, args)
-    except (ConfigError, SpaceError) as e:
-        print(f"sinkd: error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
+        cfg = load_checked_config(args.config, args.overrides)  # one YAML parse; every check, before any work
+        return {"train": _train, "eval": _eval, "tune": _tune, "export": _export}[args.command](cfg, args)
+    except (ConfigError, SpaceError, FileNotFoundError) as e:
         print(f"sinkd: error: {e}", file=sys.stderr)
         return 2
 
 
-def _raw(path, overrides) -> dict:
-    """The user's config as written (pkg:// paths kept), with overrides applied: saved in the run dir."""
-    import yaml
-
-    from .config import DEFAULT_CONFIG, apply_override
-
-    raw = yaml.safe_load(Path(path or DEFAULT_CONFIG).read_text()) or {}
-    for item in overrides:
-        apply_override(raw, item)
-    return raw
-
-
-def _train(cfg, raw, args) -> int:
-    from .job import plan_job, run_job
+def _train(cfg, args) -> int:
+    from .recipes.job import plan_job, run_job
 
     plan = plan_job(cfg)  # data and run-dir checks, before anything is written
     if args.check:
-        print(f"ok: config and data valid ({plan.task.sizes()}); stages: "
+        print(f"ok: config and data valid ({plan.prepared.data.sizes()}); stages: "
               f"{'teacher fine-tuning, ' if plan.finetune else ''}{', '.join(plan.students)}")
         return 0
-    results = run_job(cfg, raw, show_progress=not args.no_progress, plan=plan)
+    results = run_job(cfg, show_progress=not args.no_progress, plan=plan)
     print()
     print(Path(results["run_dir"], "summary.txt").read_text(), end="")
     return 0
 
 
-def _tune(cfg, raw, args) -> int:
-    from .tune import TuneInterrupted, run_tune
-    from .tune_space import load_space
+def _tune(cfg, args) -> int:
+    from .recipes.tune import TuneInterrupted, run_tune
+    from .recipes.tune_space import load_space
 
     try:
-        out = run_tune(cfg, raw, load_space(args.space))
+        out = run_tune(cfg, load_space(args.space))
     except TuneInterrupted as e:
         print(f"sinkd: {e}", file=sys.stderr)
         return 130
@@ -132,51 +111,21 @@ def _tune(cfg, raw, args) -> int:
 
 def _eval(cfg, args) -> int:
     """Scores of each model (--model, else every model under RUN_DIR/models) on a split."""
-    from .job import eval_pool, ray_session
+    from .recipes.evaluate import evaluate_models, format_scores, run_models
 
-    models = args.model or sorted(str(p) for p in (Path(cfg.run_dir) / "models").glob("*") if (p / "config.json").is_file())
-    if not models:
-        print(f"sinkd: error: no models in {Path(cfg.run_dir) / 'models'}; pass --model DIR", file=sys.stderr)
-        return 2
-    bad = [m for m in models if not (Path(m) / "config.json").is_file()]
-    if bad:
-        print(f"sinkd: error: --model {bad[0]}: not a Hugging Face model directory", file=sys.stderr)
-        return 2
-    if cfg.task_type == "causal_lm":  # perplexity and top-1 agreement with the teacher on token blocks
-        from .causal_lm import METRICS, evaluate_lm, plan_parts
-
-        task, teacher_dir = plan_parts(cfg)
-        names = METRICS
-
-        def score(model):
-            return evaluate_lm(model, cfg, task, teacher_dir, args.split, **eval_pool(cfg))
-    else:
-        from .data import load_task
-        from .evaluate import evaluate_model, metric_names
-
-        task = load_task(cfg)
-        names = metric_names(task.task, task.num_labels)
-
-        def score(model):
-            return evaluate_model(model, task.splits[args.split], names, cfg.data.max_length,
-                                  cfg.train.eval_batch_size, **eval_pool(cfg))
-    with ray_session(cfg):
-        scores = {model: score(model) for model in models}
-    width, col = max(len(m) for m in scores), max(16, max(len(args.split) + 1 + len(n) for n in names))
-    print(f"{'model':<{width}}  " + "  ".join(f"{args.split + ' ' + n:>{col}}" for n in names))
-    for model, s in scores.items():
-        print(f"{model:<{width}}  " + "  ".join(f"{s[n]:>{col}.4f}" for n in names))
+    names, scores = evaluate_models(cfg, args.model or run_models(cfg), args.split)
+    print(format_scores(args.split, names, scores))
     print(json.dumps(scores))
     return 0
 
 
 def _export(cfg, args) -> int:
-    from .config import storage_root
-    from .export import checkpoint_uri, export_checkpoint, stage_checkpoint
+    from .config import stage_model_dir, storage_root
+    from .recipes.export import checkpoint_uri, export_checkpoint, stage_checkpoint
 
     stage = args.stage or cfg.name
     checkpoint = stage_checkpoint(f"{storage_root(cfg).rstrip('/')}/{stage}")  # RUN_DIR/ray or ray.storage_path
-    out = export_checkpoint(checkpoint, args.out or Path(cfg.run_dir) / "models" / stage)
+    out = export_checkpoint(checkpoint, args.out or stage_model_dir(cfg, stage))
     print(f"exported {checkpoint_uri(checkpoint)} -> {out}")
     return 0
 

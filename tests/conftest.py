@@ -1,8 +1,21 @@
 import os
 
+import pytest
+
 # Keep hypothesis deterministic and bounded on the 2-core CI machine.
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+RAY_FIXTURES = {"ray_session", "local_ray", "zero2", "live_zero2"}  # fixtures that start (or need) a Ray instance
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that starts Ray carries the `slow` marker (`-m "not slow"` is the quick suite)."""
+    unmarked = [item.nodeid for item in items
+                if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError(f"tests that start Ray need @pytest.mark.slow: {', '.join(unmarked)}")

@@ -1,8 +1,8 @@
 """A DeepSpeed checkpoint of a run -> a Hugging Face model directory (save_pretrained + tokenizer).
 
 ZeRO-partitioned weights are consolidated with DeepSpeed's own zero_to_fp32; stage 0 checkpoints
-hold the module whole. The result reloads with AutoModelForSequenceClassification (encoders) or
-AutoModelForSeq2SeqLM (T5 family; sinkd_task.json keeps the label token ids).
+hold the module whole. The result reloads with the Auto class of its task's model kind
+(sinkd_task.json records the kind and, for T5-style classifiers, the label token ids).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .models import TASK_FILE, _auto_class, _quiet_transformers
-from .train import DS_TAG, META_DIR, STATE_FILE
+from ..tasks import task_for_kind
+from ..tasks.common import TASK_FILE, quiet_transformers
+from ..train.files import DS_TAG, META_DIR, STATE_FILE
 
 
 def latest_checkpoint(stage_dir: str | Path) -> Path:
@@ -53,7 +54,7 @@ def consolidated_state_dict(checkpoint_dir: Path) -> dict:
             state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DS_TAG)
     else:  # ZeRO stage 0: the module's weights are whole in the model-states file
         state = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    # The DeepSpeed module is pipelines.models.Classifier: strip its "model." prefix.
+    # The DeepSpeed module is the task's wrapper (Classifier, CausalLM) around `.model`: strip the prefix.
     return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
 
 
@@ -79,13 +80,13 @@ def checkpoint_uri(checkpoint) -> str:
 def _export_dir(checkpoint_dir: Path, out_dir: Path, source: str) -> Path:
     """Written beside out_dir, then moved into place, so an interrupted export never leaves a
     half-written model where a complete one is expected."""
-    _quiet_transformers()
+    quiet_transformers()
     meta_dir = checkpoint_dir / META_DIR
     task = json.loads((meta_dir / TASK_FILE).read_text())
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(meta_dir)
-    model = _auto_class(task["kind"]).from_config(config)
+    model = task_for_kind(task["kind"]).model_class(task["kind"]).from_config(config)
     missing, unexpected = model.load_state_dict(consolidated_state_dict(checkpoint_dir), strict=False)
     tied = getattr(model, "_tied_weights_keys", None) or {}  # e.g. T5's lm_head -> shared embedding
     missing = [k for k in missing if k not in set(tied)]

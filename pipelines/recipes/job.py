@@ -7,20 +7,20 @@ config resumes: finished stages are reused, an interrupted one restarts from its
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
 import yaml
 
-from .config import Config, ConfigError, TrainConfig, _build
-from .data import Task, load_task
-from .models import TASK_FILE, is_task_tuned, model_kind
-
-TEACHER = "teacher"
+from ..config import Config, ConfigError, model_config, stage_model_dir, teacher_train_config
+from ..tasks import Prepared, Stage, get_task
+from ..tasks.common import TASK_FILE
+from ..tasks.protocol import TEACHER_STAGE as TEACHER
+from ..train.fit import fit_stage
+from .export import export_checkpoint
+from .session import eval_pool, ray_session
 
 
 @dataclasses.dataclass
@@ -28,50 +28,35 @@ class Plan:
     """What the job will do, decided on the driver before any work."""
 
     cfg: Config
-    task: Task
-    teacher_dir: str  # the teacher distillation uses (after fine-tuning if that is planned)
-    finetune: bool
+    prepared: Prepared  # the task's checked data, the teacher to distil from, the fine-tuning decision
     students: dict  # name -> objective mapping
+
+    @property
+    def finetune(self) -> bool:
+        return self.prepared.finetune
+
+    @property
+    def teacher_dir(self) -> str:
+        return self.prepared.teacher_dir
 
 
 def plan_job(cfg: Config) -> Plan:
     """Load and check the data and decide the stages; raises ConfigError/DataError, writes nothing
-    (a causal LM's GGUF teacher is dequantised once into lm.cache.dir/teachers: a cache, not the run)."""
-    if cfg.task_type == "causal_lm":
-        from .causal_lm import plan_parts
-
-        task, teacher_dir = plan_parts(cfg)
-        students = {cfg.name: dict(cfg.objective)}
-        students.update({name: {**cfg.objective, **over} for name, over in cfg.baselines.items()})
-        plan = Plan(cfg, task, teacher_dir, False, students)
-        _check_fingerprints(plan)
-        return plan
-    task = load_task(cfg)
-    if model_kind(cfg.teacher.path) == "seq2seq":
-        from .data import load_tokenizer
-        from .models import label_token_ids
-
-        try:
-            label_token_ids(load_tokenizer(cfg.teacher.path), cfg.data.label_words or task.label_names or [])
-        except (ValueError, IndexError) as e:
-            raise ConfigError(str(e) if str(e).startswith("data.") else f"data.label_words: {e}") from None
-    mode = cfg.teacher.finetune
-    finetune = mode == "always" or (mode == "auto" and not is_task_tuned(cfg.teacher.path, task.num_labels))
-    teacher_dir = str(Path(cfg.run_dir) / "models" / TEACHER) if finetune else cfg.teacher.path
+    to the run directory (a causal LM's GGUF teacher is dequantised once into lm.cache.dir: a cache)."""
+    prepared = get_task(cfg.task_type).prepare(cfg)
     students = {cfg.name: dict(cfg.objective)}
     students.update({name: {**cfg.objective, **over} for name, over in cfg.baselines.items()})
-    plan = Plan(cfg, task, teacher_dir, finetune, students)
+    plan = Plan(cfg, prepared, students)
     _check_fingerprints(plan)
     return plan
 
 
 def _stage_fingerprint(plan: Plan, name: str) -> dict:
     cfg = plan.cfg
-    common = {"data": dataclasses.asdict(cfg.data), "seed": cfg.seed, "num_workers": cfg.scaling.num_workers}
-    if cfg.task_type == "causal_lm":
-        common["lm"] = dataclasses.asdict(cfg.lm)
+    common = {"data": dataclasses.asdict(cfg.data), "seed": cfg.seed, "num_workers": cfg.scaling.num_workers,
+              **get_task(cfg.task_type).fingerprint(cfg)}
     if name == TEACHER:
-        return {**common, "model": cfg.teacher.path, "train": _teacher_train(cfg).__dict__}
+        return {**common, "model": cfg.teacher.path, "train": teacher_train_config(cfg).__dict__}
     return {**common, "teacher": plan.teacher_dir, "student": dataclasses.asdict(cfg.student),
             "objective": plan.students[name], "train": dataclasses.asdict(cfg.train)}
 
@@ -103,96 +88,22 @@ def _diff(old, new, prefix="") -> list[str]:
     return [] if old == new else [prefix or "value"]
 
 
-def _teacher_train(cfg: Config) -> TrainConfig:
-    return _build(TrainConfig, {**dataclasses.asdict(cfg.train), **cfg.teacher.train}, "teacher.train")
-
-
-def prepare_run_dir(cfg: Config, raw: dict) -> None:
-    """Create the run directory and record the config; an earlier, different config is kept aside."""
+def prepare_run_dir(cfg: Config) -> None:
+    """Create the run directory and record the config as written (pkg:// paths kept); an earlier,
+    different config is kept aside."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(raw, sort_keys=False)
+    text = yaml.safe_dump(cfg.written, sort_keys=False)
     target = run_dir / "config.yaml"
     if target.is_file() and target.read_text() != text:
         target.rename(run_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
     target.write_text(text)
 
 
-def init_local_ray(**kwargs) -> None:
-    """`ray.init(address="local")` with the new cluster's own address in RAY_ADDRESS for its processes.
-
-    Code inside a Ray cluster that calls the state API without an address (Ray Train V2's
-    PlacementGroupCleaner among it) finds its cluster by scanning the machine and fails when two Ray
-    instances run there; the placement group of every Tune trial that ASHA stops then leaks, until the
-    next trial's data tasks find no CPU and wait forever. The GCS port is chosen here, so the raylet
-    and workers (started by ray.init, with this environment) know their cluster; the driver's own
-    environment is restored afterwards.
-    """
-    import socket
-
-    import ray
-
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        port = sock.getsockname()[1]
-    saved = {key: os.environ.get(key) for key in ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")}
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
-    try:
-        ray.init(address="local", **kwargs)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def eval_pool(cfg) -> dict:
-    """Evaluation actors shaped like the training workers (one per worker, its CPUs each), so that
-    each fits wherever a worker did; one asking for all the workers' CPUs might fit on no node."""
-    return {"cpus": max(1.0, cfg.scaling.cpus_per_worker), "actors": cfg.scaling.num_workers}
-
-
-@contextlib.contextmanager
-def ray_session(cfg: Config, extra_cpus: int = 0):
-    """Join the running Ray (tests, notebooks), a cluster (ray.address), or start a local one;
-    extra_cpus: logical CPUs a local one gets on top (Tune's trial drivers, which only wait)."""
-    import ray
-
-    import logging
-
-    import ray.data  # noqa: F401  (Ray Data sets its loggers' levels on import; ours come after)
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset execution plans: not for users
-    if ray.is_initialized():
-        yield
-        return
-    kwargs = {"address": cfg.ray.address, "log_to_driver": True}
-    if cfg.ray.address is None and os.environ.get("RAY_ADDRESS"):
-        kwargs["address"] = os.environ["RAY_ADDRESS"]  # a `ray job submit` entrypoint: join its cluster
-    if kwargs["address"] is None:
-        # A fresh local instance, even when a `ray start` node runs on this machine (a plain
-        # ray.init() would silently join the latest one).
-        kwargs.pop("address")
-        init_local_ray(num_cpus=(cfg.ray.num_cpus or (os.cpu_count() or 1) + 1) + extra_cpus,
-                       object_store_memory=cfg.ray.object_store_memory_mb * 2**20 if cfg.ray.object_store_memory_mb else None,
-                       **kwargs)
-    else:
-        ray.init(**kwargs)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 def _run_stage(plan: Plan, stage, show_progress: bool) -> dict:
     """Train and export one stage, or reuse it when an earlier run finished it with the same settings."""
-    from .export import export_checkpoint
-    from .train import fit_stage
-
     cfg = plan.cfg
-    out = Path(cfg.run_dir) / "models" / stage.name
+    out = stage_model_dir(cfg, stage.name)
     info = {"path": str(out)}
     fp = _fingerprint_file(cfg, stage.name)
     if (out / TASK_FILE).is_file() and fp.is_file():
@@ -200,57 +111,48 @@ def _run_stage(plan: Plan, stage, show_progress: bool) -> dict:
     fp.parent.mkdir(parents=True, exist_ok=True)
     fp.write_text(json.dumps(_stage_fingerprint(plan, stage.name), indent=1))
     tick = time.time()
-    result = fit_stage(cfg, plan.task, stage, show_progress=show_progress)
+    result = fit_stage(cfg, plan.prepared, stage, show_progress=show_progress)
     export_checkpoint(result.checkpoint, out)  # through Ray's Checkpoint: remote storage too
-    return {**info, "train_s": round(time.time() - tick, 1), "examples_per_s": result.metrics.get("train_examples_per_s"),
-            "val": {k[4:]: v for k, v in result.metrics.items() if k.startswith("val_")}}
+    metrics = result.metrics
+    return {**info, "train_s": round(time.time() - tick, 1), "examples_per_s": metrics.get("train_examples_per_s"),
+            "val": {k[4:]: v for k, v in metrics.items() if k.startswith("val_")},
+            **{k: metrics[k] for k in ("teacher_params", "teacher_params_on_rank") if k in metrics}}
+
+
+def teacher_stage(cfg: Config) -> Stage:
+    """The teacher's CE fine-tuning on the task (train settings with teacher.train's overrides)."""
+    return Stage(TEACHER, cfg.teacher.path, None, teacher_train_config(cfg))
 
 
 def prepare_teacher(plan: Plan, show_progress: bool = True) -> str:
-    """The task-tuned teacher's directory: fine-tuned here (CE only) if the plan says so. Needs Ray."""
-    from .train import Stage
-
+    """The teacher students distil from: fine-tuned here if the plan says so, and the task's shared
+    work done once (e.g. a logit cache) before any student stage or Tune trial. Needs Ray."""
     if plan.finetune:
-        _run_stage(plan, Stage(TEACHER, plan.cfg.teacher.path, None, _teacher_train(plan.cfg)), show_progress)
-    if plan.cfg.task_type == "causal_lm" and plan.cfg.lm.cache.enabled:  # once, before any trial
-        from .logit_cache import ensure_cache
-
-        ensure_cache(plan.cfg, plan.task, plan.teacher_dir)
+        _run_stage(plan, teacher_stage(plan.cfg), show_progress)
+    get_task(plan.cfg.task_type).before_students(plan.cfg, plan.prepared)
     return plan.teacher_dir
 
 
-def run_job(cfg: Config, raw: dict, show_progress: bool = True, plan: Plan | None = None) -> dict:
+def run_job(cfg: Config, show_progress: bool = True, plan: Plan | None = None) -> dict:
     """The whole job; returns the results written to run_dir/results.json."""
-    from .evaluate import evaluate_model, metric_names
-    from .train import Stage
-
     plan = plan or plan_job(cfg)
-    prepare_run_dir(cfg, raw)
-    run_dir, task = Path(cfg.run_dir), plan.task
-    results = {"run_dir": str(run_dir), "data": task.sizes(), "num_labels": task.num_labels,
-               "metrics": metric_names(task.task, task.num_labels), "notes": task.notes, "models": {}}
-    if cfg.task_type == "causal_lm":
-        from .causal_lm import METRICS
-
-        results["metrics"] = METRICS
+    prepare_run_dir(cfg)
+    run_dir, prepared, task = Path(cfg.run_dir), plan.prepared, get_task(cfg.task_type)
+    results = {"run_dir": str(run_dir), "data": prepared.data.sizes(), "description": prepared.description,
+               "metrics": prepared.metrics, "notes": prepared.notes, "models": {}}
     started = time.time()
     with ray_session(cfg):
         models = results["models"]
         if plan.finetune:
-            models[TEACHER] = _run_stage(plan, Stage(TEACHER, cfg.teacher.path, None, _teacher_train(cfg)), show_progress)
+            models[TEACHER] = _run_stage(plan, teacher_stage(cfg), show_progress)
         else:
             models[TEACHER] = {"path": plan.teacher_dir, "given": True}
+        task.before_students(cfg, prepared)
         for name, objective in plan.students.items():
             models[name] = _run_stage(plan, Stage(name, plan.teacher_dir, objective, cfg.train), show_progress)
         pool = eval_pool(cfg)
         for info in models.values():
-            if cfg.task_type == "causal_lm":
-                from .causal_lm import evaluate_lm
-
-                info["test"] = evaluate_lm(info["path"], cfg, task, plan.teacher_dir, "test", **pool)
-            else:
-                info["test"] = evaluate_model(info["path"], task.splits["test"], results["metrics"], cfg.data.max_length,
-                                              cfg.train.eval_batch_size, **pool)
+            info["test"] = task.evaluate(info["path"], cfg, prepared, "test", **pool)
             info["layers"], info["params"] = _size(info["path"])
     results["wall_s"] = round(time.time() - started, 1)
     (run_dir / "results.json").write_text(json.dumps(results, indent=1))
@@ -261,7 +163,7 @@ def run_job(cfg: Config, raw: dict, show_progress: bool = True, plan: Plan | Non
 def _size(model_dir: str) -> tuple[int, int]:
     from safetensors import safe_open
 
-    conf = json.loads((Path(model_dir) / "config.json").read_text())
+    conf = model_config(model_dir)
     layers = conf.get("num_hidden_layers", conf.get("num_layers"))
     params = 0
     for f in Path(model_dir).glob("*.safetensors"):
@@ -283,7 +185,7 @@ def summary(results: dict) -> str:
     data = results["data"]
     lines = [f"sinkd run: {results['run_dir']}",
              f"data: {data.get('train', 0)} train / {data.get('validation', 0)} validation / {data.get('test', 0)} test rows, "
-             f"{results['num_labels']} labels"]
+             f"{results['description']}"]
     header = f"{'model':<10} {'layers':>6} {'params':>8}  " + "  ".join(f"{'test ' + m:>14}" for m in metrics) + \
              f"  {'train s':>8} {'ex/s':>7}"
     lines += ["", header, "-" * len(header)]

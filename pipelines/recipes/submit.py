@@ -53,7 +53,7 @@ def runtime_env(runtime_env_file: str | None, working_dir: str) -> dict:
     """The runtime env from a YAML file, or the working dir with DEFAULT_EXCLUDES; checked by Ray's RuntimeEnv."""
     from ray.runtime_env import RuntimeEnv
 
-    from .config import ConfigError
+    from ..config import ConfigError
 
     if runtime_env_file:
         path = Path(runtime_env_file)
@@ -80,7 +80,7 @@ def runtime_env(runtime_env_file: str | None, working_dir: str) -> dict:
 def check_job_args(job: str, args: list[str], env: dict) -> None:
     """Cheap local checks before anything reaches the cluster: the config's YAML, keys and types, and
     the tune space. Files the config names are checked on the cluster, where they must exist."""
-    from .config import Config, ConfigError, _build, apply_override
+    from ..config import ConfigError, load_config
 
     files = _positionals(args)
     if job == "tune" and len(files) < 2:
@@ -93,13 +93,7 @@ def check_job_args(job: str, args: list[str], env: dict) -> None:
         path = base / config
         if not path.is_file():
             raise ConfigError(f"{config}: config file not found in the working dir {base}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        for item in _overrides(args):
-            apply_override(raw, item)
-        _build(Config, raw, "")  # unknown keys and types; the files it names are the cluster's
+        load_config(path, _overrides(args))  # YAML, unknown keys and types; the files it names are the cluster's
     if job == "tune" and not Path(files[1]).is_absolute():
         from .tune_space import load_space
 
@@ -133,7 +127,7 @@ def _overrides(args: list[str]) -> list[str]:
 def run(args) -> int:
     from ray.job_submission import JobSubmissionClient
 
-    from .config import ConfigError
+    from ..config import ConfigError
 
     if args.args and args.args[0] == "--":
         args.args = args.args[1:]

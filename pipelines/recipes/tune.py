@@ -16,7 +16,11 @@ from pathlib import Path
 
 import yaml
 
-from .config import Config, ConfigError, set_key
+from ..config import Config, ConfigError, set_key
+from ..tasks import Prepared, Stage, checked_config
+from ..train.fit import fit_stage
+from .job import plan_job, prepare_run_dir, prepare_teacher
+from .session import ray_session
 from .tune_space import SpaceError, TuneSpace
 
 EXPERIMENT = "tune"
@@ -26,54 +30,52 @@ class TuneInterrupted(RuntimeError):
     """The tuning run stopped early (Ctrl-C, a lost driver); its state is saved for a resume."""
 
 
-def check_space_against_config(raw: dict, space: TuneSpace) -> None:
+def check_space_against_config(cfg: Config, space: TuneSpace) -> None:
     """Every space key must be a valid config key for every value it can take: sample each
-    distribution (and every choice) into the config and validate, naming the space key on error."""
+    distribution (and every choice) into the config and check it, naming the space key on error."""
     for key, dist in space.space.items():
         values = list(dist.args) if dist.kind in ("choice", "grid") else list(dist.args[:1])
         for value in values:
-            trial = copy.deepcopy(raw)
+            trial = copy.deepcopy(cfg.written)
             try:
                 set_key(trial, key, value)
-                Config.from_dict(trial)
+                checked_config(trial)
             except ConfigError as exc:
                 raise SpaceError(f"space.{key}: {value!r} is not valid for the job config ({exc})") from None
 
 
-def _trial(params: dict, base_raw: dict, task, teacher_dir: str) -> None:
+def _trial(params: dict, base: dict, prepared: Prepared) -> None:
+    """One Tune trial: the base config (checked on the driver, paths resolved) with its sampled
+    values, one TorchTrainer fit reporting to Tune. Rebuilding the config reads no file."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .train import Stage, fit_stage
-
-    raw = copy.deepcopy(base_raw)
+    raw = copy.deepcopy(base)
     for key, value in params.items():
         set_key(raw, key, value)
     raw["run_dir"] = tune.get_context().get_trial_dir()
     cfg = Config.from_dict(raw)
     if cfg.ray.storage_path:  # shared storage: the trial's Train run beside its Tune results, <storage>/tune/<trial>/<stage>
         cfg.ray.storage_path = f"{cfg.ray.storage_path.rstrip('/')}/{EXPERIMENT}/{Path(raw['run_dir']).name}"
-    stage = Stage(cfg.name, teacher_dir, dict(cfg.objective), cfg.train)
-    fit_stage(cfg, task, stage, show_progress=False, callbacks=[TuneReportCallback()])
+    stage = Stage(cfg.name, prepared.teacher_dir, dict(cfg.objective), cfg.train)
+    fit_stage(cfg, prepared, stage, show_progress=False, callbacks=[TuneReportCallback()])
 
 
-def run_tune(cfg: Config, raw: dict, space: TuneSpace) -> dict:
+def run_tune(cfg: Config, space: TuneSpace) -> dict:
     """Prepare the teacher, run (or resume) the trials, write the table, best config and plots."""
     from ray import tune
 
-    from .job import plan_job, prepare_run_dir, prepare_teacher, ray_session
-
-    check_space_against_config(raw, space)
+    check_space_against_config(cfg, space)
     plan = plan_job(cfg)
-    prepare_run_dir(cfg, raw)
+    prepare_run_dir(cfg)
     out_dir = Path(cfg.run_dir).resolve()
     # A trial driver's CPU share (0.01 by default) would leave Ray Data less than the whole CPU its
     # tasks need beside the training workers, and the first epoch would wait forever on a local Ray.
     driver_cpus = math.ceil(space.trial_resources.get("cpu", 0) * space.max_concurrent_trials)
     with ray_session(cfg, extra_cpus=driver_cpus):
-        teacher_dir = prepare_teacher(plan)
+        prepare_teacher(plan)
         trainable = tune.with_resources(
-            tune.with_parameters(_trial, base_raw=raw, task=plan.task, teacher_dir=teacher_dir),
+            tune.with_parameters(_trial, base=cfg.to_dict(), prepared=plan.prepared),
             {k.upper() if k in ("cpu", "gpu") else k: v for k, v in space.trial_resources.items()},
         )
         storage = (cfg.ray.storage_path or str(out_dir)).rstrip("/")  # shared storage (URI or dir) or RUN_DIR
@@ -95,7 +97,7 @@ def run_tune(cfg: Config, raw: dict, space: TuneSpace) -> dict:
     if finished < space.num_trials():
         raise TuneInterrupted(f"tuning stopped after {finished} of {space.num_trials()} trials; "
                               f"rerun the same command to resume ({out_dir / EXPERIMENT})")
-    return write_outputs(grid, raw, space, out_dir)
+    return write_outputs(grid, cfg.written, space, out_dir)
 
 
 def write_outputs(grid, raw: dict, space: TuneSpace, out_dir: Path) -> dict:

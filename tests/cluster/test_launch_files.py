@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import yaml
 
-from pipelines.cli import _parser
+from pipelines.cli import parser
 from pipelines.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,7 +119,7 @@ def test_rayjob_entrypoints_are_valid_sinkd_commands_on_valid_configs(name, comm
     RuntimeEnv(**yaml.safe_load(spec["runtimeEnvYAML"]))
     argv = shlex.split(spec["entrypoint"])
     assert argv[:2] == ["sinkd", command]
-    args = _parser().parse_args([a.replace(IMAGE_ROOT, str(REPO)) for a in argv[1:]])
+    args = parser().parse_args([a.replace(IMAGE_ROOT, str(REPO)) for a in argv[1:]])
     # The job config it names, as the cluster would read it (storage and run dir moved to tmp here).
     local = [f"run_dir={tmp_path / 'run'}", f"ray.storage_path={tmp_path / 'storage'}"]
     cfg = load_config(args.config, args.overrides + local)
@@ -127,7 +127,7 @@ def test_rayjob_entrypoints_are_valid_sinkd_commands_on_valid_configs(name, comm
     raw = _load(Path(args.config))
     assert raw["ray"]["storage_path"].startswith("/shared/") and raw["run_dir"].startswith("/shared/")
     if command == "tune":
-        from pipelines.tune_space import load_space
+        from pipelines.recipes.tune_space import load_space
 
         assert load_space(args.space).metric.startswith("val_")
 
@@ -138,7 +138,7 @@ def test_rayjob_entrypoints_are_valid_sinkd_commands_on_valid_configs(name, comm
 def test_runtime_env_yaml_is_a_valid_ray_runtime_env(monkeypatch):
     from ray.runtime_env import RuntimeEnv
 
-    from pipelines.submit import runtime_env
+    from pipelines.recipes.submit import runtime_env
 
     raw = _load(CLUSTER / "runtime_env.yaml")
     env = RuntimeEnv(**raw)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pipelines.tasks import checked_config
 from pipeline_helpers import tiny_job
 
 from pipelines.cli import main
-from pipelines.config import Config, ConfigError, storage_root
+from pipelines.config import ConfigError, storage_root
 
 
 @pytest.fixture
@@ -23,26 +24,26 @@ def _with(raw: dict, section: str, key: str, value) -> dict:
 
 def _error(raw: dict) -> str:
     with pytest.raises(ConfigError) as info:
-        Config.from_dict(raw)
+        checked_config(raw)
     assert "\n" not in str(info.value)
     return str(info.value)
 
 
 def test_default_storage_is_the_run_dir(raw, tmp_path):
-    cfg = Config.from_dict(raw)
+    cfg = checked_config(raw)
     assert cfg.ray.storage_path is None and storage_root(cfg) == str(tmp_path / "run" / "ray")
 
 
 def test_local_storage_is_made_absolute_and_not_created_by_validation(raw, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = Config.from_dict(_with(raw, "ray", "storage_path", "shared/a/b"))
+    cfg = checked_config(_with(raw, "ray", "storage_path", "shared/a/b"))
     assert cfg.ray.storage_path == str(tmp_path / "shared" / "a" / "b") == storage_root(cfg)
     assert not (tmp_path / "shared").exists()  # validation writes nothing
 
 
 @pytest.mark.parametrize("uri", ["s3://bucket/sinkd/run1", "gs://bucket/prefix", "file:///tmp/sinkd-storage"])
 def test_uris_pyarrow_serves_are_kept_verbatim(raw, uri):
-    cfg = Config.from_dict(_with(raw, "ray", "storage_path", uri))
+    cfg = checked_config(_with(raw, "ray", "storage_path", uri))
     assert cfg.ray.storage_path == uri == storage_root(cfg)
 
 

@@ -8,7 +8,7 @@ import yaml
 from pipeline_helpers import tiny_job
 
 from pipelines.cli import main
-from pipelines.submit import entrypoint
+from pipelines.recipes.submit import entrypoint
 
 NOWHERE = "http://127.0.0.1:9"  # nothing listens: reaching it would fail with an address error
 

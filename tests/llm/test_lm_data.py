@@ -9,8 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines.data import DataError
-from pipelines.lm_data import IGNORE, LMCollate, pack_blocks, pad_table, prompt_response_row
+from pipelines.tasks import checked_config
+from pipelines.tasks.common import DataError
+from pipelines.tasks.causal_lm.data import IGNORE, LMCollate, pack_blocks, pad_table, prompt_response_row
 
 
 def test_pack_blocks_joins_documents_with_eos_and_drops_the_partial_tail():
@@ -63,9 +64,8 @@ def lm_raw(tmp_path, files, **lm):
 
 
 def test_prompt_response_task_from_jsonl_masks_prompts(tmp_path, tiny_llama):
-    from pipelines.config import Config
-    from pipelines.data import load_tokenizer
-    from pipelines.lm_data import load_lm_task
+    from pipelines.tasks.common import load_tokenizer
+    from pipelines.tasks.causal_lm.data import load_lm_task
 
     rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(12)]
     path = tmp_path / "qa.jsonl"
@@ -73,7 +73,7 @@ def test_prompt_response_task_from_jsonl_masks_prompts(tmp_path, tiny_llama):
     raw = lm_raw(tmp_path, {"train": path}, format="prompt_response")
     raw["data"]["max_length"] = 32
     raw["teacher"] = {"path": str(tiny_llama)}
-    cfg = Config.from_dict(raw)
+    cfg = checked_config(raw)
     tok = load_tokenizer(str(tiny_llama))
     task = load_lm_task(cfg, tok)
     assert sum(task.sizes().values()) == 12
@@ -90,22 +90,20 @@ def test_prompt_response_task_from_jsonl_masks_prompts(tmp_path, tiny_llama):
     ('not json', "line 2: invalid JSON"),
 ])
 def test_bad_jsonl_row_names_file_and_line(tmp_path, tiny_llama, line, message):
-    from pipelines.config import Config
-    from pipelines.data import load_tokenizer
-    from pipelines.lm_data import load_lm_task
+    from pipelines.tasks.common import load_tokenizer
+    from pipelines.tasks.causal_lm.data import load_lm_task
 
     path = tmp_path / "qa.jsonl"
     path.write_text('{"prompt": "p", "response": "r"}\n' + line + "\n")
     raw = lm_raw(tmp_path, {"train": path}, format="prompt_response")
     raw["teacher"] = {"path": str(tiny_llama)}
     with pytest.raises(DataError) as err:
-        load_lm_task(Config.from_dict(raw), load_tokenizer(str(tiny_llama)))
+        load_lm_task(checked_config(raw), load_tokenizer(str(tiny_llama)))
     assert str(err.value).startswith(str(path)) and message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_readers_txt_jsonl_and_wiki_xml(tmp_path, tiny_llama, wiki_path):
-    from pipelines.config import Config
-    from pipelines.lm_data import read_split
+    from pipelines.tasks.causal_lm.data import read_split
 
     txt = tmp_path / "corpus.txt"
     txt.write_text("First paragraph\nstill first.\n\n\nSecond one.\n  \nThird.\n")
@@ -122,22 +120,21 @@ def test_readers_txt_jsonl_and_wiki_xml(tmp_path, tiny_llama, wiki_path):
                                 ({"train": xml}, {}, ["Alpha is a letter."])):
         raw = lm_raw(tmp_path, files, **lm)
         raw["teacher"] = {"path": str(tiny_llama)}
-        assert read_split(Config.from_dict(raw), "train") == expected
+        assert read_split(checked_config(raw), "train") == expected
     raw = lm_raw(tmp_path, {"train": wiki_path}, max_documents=3)
     raw["teacher"] = {"path": str(tiny_llama)}
-    docs = read_split(Config.from_dict(raw), "train")
+    docs = read_split(checked_config(raw), "train")
     assert len(docs) == 3 and docs[0].startswith("Anarchism is a political philosophy") and "'''" not in docs[0]
 
 
 def test_packed_wiki_task_carves_whole_documents(tmp_path, tiny_llama, wiki_path):
-    from pipelines.config import Config
-    from pipelines.data import load_tokenizer
-    from pipelines.lm_data import load_lm_task
+    from pipelines.tasks.common import load_tokenizer
+    from pipelines.tasks.causal_lm.data import load_lm_task
 
     raw = lm_raw(tmp_path, {"train": wiki_path}, max_documents=10)
     raw["teacher"] = {"path": str(tiny_llama)}
     raw["data"].update(max_length=64, max_train_examples=40, validation_fraction=0.2, test_fraction=0.1)
-    task = load_lm_task(Config.from_dict(raw), load_tokenizer(str(tiny_llama)))
+    task = load_lm_task(checked_config(raw), load_tokenizer(str(tiny_llama)))
     assert task.sizes()["train"] == 40 and task.notes == ["validation (2) and test (1) documents carved out of train (seed 0)"]
     for split, table in task.splits.items():
         ids = np.array(table.column("input_ids").to_pylist())

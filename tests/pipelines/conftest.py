@@ -36,7 +36,7 @@ def ray_session():
     import ray
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from pipelines.job import init_local_ray
+    from pipelines.recipes.session import init_local_ray
 
     init_local_ray(num_cpus=3, object_store_memory=500 * 2**20, log_to_driver=True)
     try:

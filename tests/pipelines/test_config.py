@@ -7,14 +7,15 @@ import json
 import pytest
 import yaml
 
-from pipelines.config import DEFAULT_CONFIG, Config, ConfigError, apply_override, load_config
+from pipelines.tasks import checked_config
+from pipelines.config import DEFAULT_CONFIG, ConfigError, apply_override, load_config
 
 from pipeline_helpers import tiny_job
 
 
 def _error(raw: dict) -> str:
     with pytest.raises(ConfigError) as info:
-        Config.from_dict(raw)
+        checked_config(raw)
     msg = str(info.value)
     assert "\n" not in msg, msg
     return msg
@@ -34,9 +35,9 @@ def test_embedded_default_job_is_valid():
 
 
 def test_valid_tiny_config_round_trips(raw):
-    cfg = Config.from_dict(raw)
+    cfg = checked_config(raw)
     assert cfg.train.zero_stage == 2 and cfg.scaling.num_workers == 2
-    assert Config.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+    assert checked_config(cfg.to_dict()).to_dict() == cfg.to_dict()
 
 
 @pytest.mark.parametrize("key, value, expected", [
@@ -125,6 +126,7 @@ def test_yaml_syntax_and_missing_file_errors(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+@pytest.mark.slow
 def test_local_ray_processes_know_their_own_cluster(ray_session):
     """init_local_ray puts the new cluster's address in its workers' RAY_ADDRESS (state-API calls
     inside the cluster must not scan the machine, where other Ray instances may run), and leaves

@@ -7,16 +7,17 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
+from pipelines.tasks import checked_config
 from pipeline_helpers import tiny_job
 
-from pipelines.config import Config
-from pipelines.data import PAD_ID, DataError, PadCollate, batches_per_shard, load_task, padded_rows, tokenize_batch
+from pipelines.tasks.classification.data import PadCollate, load_task, tokenize_batch
+from pipelines.tasks.common import PAD_ID, DataError, batches_per_shard, padded_rows
 
 
 def _cfg(tmp_path, tiny_bert, files, **data):
     raw = tiny_job(tmp_path / "run", tiny_bert, files)
     raw["data"].update({"max_train_examples": None, "max_eval_examples": None, "task": None, **data})
-    return Config.from_dict(raw)
+    return checked_config(raw)
 
 
 def _tsv(path, rows, header="sentence\tlabel"):
@@ -110,7 +111,7 @@ def test_sentence_pairs_from_disk_dataset(tmp_path, tiny_bert):
     dd.save_to_disk(str(tmp_path / "pairs"))
     raw = tiny_job(tmp_path / "run", tiny_bert, {})
     raw["data"] = {"load_from_disk": str(tmp_path / "pairs"), "text_columns": ["s1", "s2"], "label_column": "label"}
-    task = load_task(Config.from_dict(raw))
+    task = load_task(checked_config(raw))
     assert task.pair and task.label_names == ["no", "yes"]
     assert set(task.splits) == {"train", "validation", "test"}  # test falls back to validation
     out = tokenize_batch(task.splits["train"].slice(0, 2), str(tiny_bert), 32)
@@ -138,7 +139,7 @@ def test_hub_code_path_with_hidden_test_labels(tmp_path, tiny_bert, monkeypatch)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     raw = tiny_job(tmp_path / "run", tiny_bert, {})
     raw["data"] = {"name": "glue", "config": "sst2", "task": "sst2"}
-    task = load_task(Config.from_dict(raw))
+    task = load_task(checked_config(raw))
     assert calls == [("glue", "sst2")]
     assert task.label_names == ["negative", "positive"] and task.sizes() == {"train": 20, "validation": 6, "test": 6}
     assert any("labels withheld" in n for n in task.notes)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from pipelines.models import (
+from pipelines.tasks import checked_config
+from pipelines.tasks.classification.models import (
     Classifier,
     is_task_tuned,
     label_token_ids,
@@ -64,18 +65,17 @@ def test_task_tuned_detection(tiny_bert, minilm):
 def test_student_from_config_and_from_pretrained(tiny_bert, tmp_path):
     from pipeline_helpers import tiny_job
 
-    from pipelines.config import Config
-    from pipelines.models import build_student
+    from pipelines.tasks.classification.models import build_student
 
     raw = tiny_job(tmp_path / "run", tiny_bert, {"train": str(tiny_bert / "config.json")})
     raw["data"]["format"] = "csv"
     raw["student"] = {"init": "config", "config": {"num_hidden_layers": 1, "hidden_size": 16, "intermediate_size": 32}}
-    cfg = Config.from_dict(raw)
+    cfg = checked_config(raw)
     torch.manual_seed(0)
     small = build_student(cfg, str(tiny_bert), "encoder", 2, ["neg", "pos"])
     assert (small.config.num_hidden_layers, small.config.hidden_size, small.config.num_labels) == (1, 16, 2)
     assert small.config.id2label == {0: "neg", 1: "pos"}
     small.save_pretrained(tmp_path / "small")
     raw["student"] = {"init": "pretrained", "path": str(tmp_path / "small")}
-    again = build_student(Config.from_dict(raw), str(tiny_bert), "encoder", 2, ["neg", "pos"])
+    again = build_student(checked_config(raw), str(tiny_bert), "encoder", 2, ["neg", "pos"])
     assert all(torch.equal(a, b) for a, b in zip(small.state_dict().values(), again.state_dict().values()))

@@ -19,8 +19,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from pipeline_helpers import tiny_job
+
+pytestmark = pytest.mark.slow  # `sinkd tune` subprocesses, each with its own local Ray
 
 MAX_T = 2
 SPACE = {

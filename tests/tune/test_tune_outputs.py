@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipelines.tune import _plot, format_table, short_name
-from pipelines.tune_space import parse_space
+from pipelines.recipes.tune import _plot, format_table, short_name
+from pipelines.recipes.tune_space import parse_space
 
 SPACE = parse_space({
     "metric": "val_accuracy", "mode": "max", "num_samples": 3, "trial_resources": {"cpu": 0.01},

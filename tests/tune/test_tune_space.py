@@ -6,7 +6,7 @@ import pytest
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from pipelines.tune_space import SpaceError, load_space, parse_space
+from pipelines.recipes.tune_space import SpaceError, load_space, parse_space
 
 SPACES = sorted((Path(__file__).parents[2] / "tune_spaces").glob("*.yaml"))
 BASE = {"metric": "val_accuracy", "mode": "max", "space": {"objective.sinkhorn.eps": {"loguniform": [0.01, 1.0]}}}

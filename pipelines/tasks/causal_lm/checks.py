@@ -1,4 +1,4 @@
-"""The `lm:` section of a job config (task_type: causal_lm) and its up-front checks.
+"""Up-front checks of a causal-LM job (task_type: causal_lm) and its `lm:` section.
 
 Decoder-only distillation reads a text corpus (packed fixed-length blocks) or prompt/response
 records (loss on the response only), and may train from a teacher logit cache instead of a live
@@ -8,52 +8,23 @@ teacher. Everything here is checked before data or Ray: files and their formats,
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, Optional
+
+from ...config import Config, ConfigError, data_file_paths, model_config, model_dir, resolve_path
+from ..common import check_same_tokenizer, check_student_keys
 
 LM_FORMATS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".bz2": "wiki_xml", ".xml": "wiki_xml"}
 
 
-@dataclass
-class LogitCacheConfig:
-    """The teacher's top-k log-probabilities per token, computed once (Ray Data) and stored as Parquet
-    under `dir`/<fingerprint of teacher, data, k, max_length>: reused by later runs and Tune trials."""
-
-    enabled: bool = False
-    topk: int = 64
-    dir: str = "runs/logit_cache"
-    batch_size: int = 8  # blocks per teacher forward
-    concurrency: int = 1  # teacher actors
-    num_cpus: float = 1.0  # per teacher actor
-    num_gpus: float = 0.0  # per teacher actor (GPU hosts)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the teacher's compute dtype
-
-
-@dataclass
-class LMConfig:
-    format: Literal["packed", "prompt_response"] = "packed"
-    file_format: Optional[Literal["txt", "jsonl", "wiki_xml"]] = None  # default: from the suffix
-    text_column: str = "text"  # jsonl, packed
-    prompt_column: str = "prompt"  # jsonl, prompt_response
-    response_column: str = "response"
-    max_documents: Optional[int] = None  # read at most this many documents (articles, lines, records) per file
-    min_document_chars: int = 1  # shorter documents (e.g. wiki redirects after markup removal) are skipped
-    cache: LogitCacheConfig = field(default_factory=LogitCacheConfig)
-
-
-def lm_file_format(cfg, path: Path) -> str | None:
+def lm_file_format(cfg: Config, path: Path) -> str | None:
     if cfg.lm.file_format:
         return cfg.lm.file_format
     return LM_FORMATS.get(path.suffix.lower())
 
 
-def check_causal_lm(cfg) -> None:
+def check_causal_lm(cfg: Config) -> None:
     """Data files and lm options (cheap: no data read, no model loaded)."""
-    from .config import ConfigError, data_file_paths
-
     d, lm = cfg.data, cfg.lm
     if not d.files or "train" not in d.files or d.name or d.load_from_disk:
         raise ConfigError("data.files: task_type causal_lm reads files (txt, jsonl or a Wikipedia XML .bz2); set data.files.train")
@@ -95,10 +66,8 @@ def check_causal_lm(cfg) -> None:
 # ----------------------------------------------------------------------------- teacher / student
 
 
-def teacher_source(cfg) -> tuple[Path, str | None]:
+def teacher_source(cfg: Config) -> tuple[Path, str | None]:
     """(directory, gguf file name or None): `teacher.path` may be a directory or a .gguf file."""
-    from .config import ConfigError, resolve_path
-
     if not cfg.teacher.path:
         raise ConfigError("teacher.path: required")
     path = resolve_path(cfg.teacher.path, "teacher.path")
@@ -142,21 +111,17 @@ def teacher_vocab_size(directory: Path, gguf: str | None) -> int:
 
 
 def _config_int(directory: Path, key: str) -> int:
-    from .config import ConfigError
-
-    value = json.loads((directory / "config.json").read_text()).get(key)
+    value = model_config(directory).get(key)
     if not isinstance(value, int):
         raise ConfigError(f"teacher.path: {directory / 'config.json'} has no integer {key} (got {value!r})")
     return value
 
 
-def check_lm_models(cfg) -> None:
+def check_lm_models(cfg: Config) -> None:
     """Teacher (HF directory or GGUF) and student: a causal LM each, one shared tokenizer."""
-    from .config import ConfigError, _check_same_tokenizer, _model_dir
-
     directory, gguf = teacher_source(cfg)
     if gguf is None:
-        conf = json.loads((directory / "config.json").read_text())
+        conf = model_config(directory)
         if conf.get("is_encoder_decoder") or not any(a.endswith("ForCausalLM") for a in conf.get("architectures") or ["ForCausalLM"]):
             raise ConfigError(f"teacher.path: {directory} is not a decoder-only causal LM ({conf.get('architectures')})")
     s = cfg.student
@@ -171,12 +136,11 @@ def check_lm_models(cfg) -> None:
                 raise ConfigError(f"student.config.vocab_size: {s.config['vocab_size']} differs from the teacher's {t_vocab}; "
                                   "teacher and student must share a tokenizer")
     elif s.init == "pretrained":
-        student = _model_dir(s.path, "student.path")
-        s_conf = json.loads((student / "config.json").read_text())
+        student = model_dir(s.path, "student.path")
+        s_conf = model_config(student)
         t_vocab = teacher_vocab_size(directory, gguf)
         if s_conf.get("vocab_size") != t_vocab:
             raise ConfigError(f"student.path: vocabulary size {s_conf.get('vocab_size')} differs from the teacher's {t_vocab}; "
                               "teacher and student must share a tokenizer")
-        _check_same_tokenizer(directory, student, teacher_gguf=gguf, require_student_tokenizer=True)
-    if s.init != "pretrained" and (s.path or s.config and s.init != "config"):
-        raise ConfigError(f"student: path/config are not used with student.init: {s.init}")
+        check_same_tokenizer(directory, student, teacher_gguf=gguf, require_student_tokenizer=True)
+    check_student_keys(cfg)

@@ -22,24 +22,20 @@ import numpy as np
 import pyarrow as pa
 from ray.data.collate_fn import ArrowBatchCollateFn
 
-from .config import Config
-from .data import PAD_ID, DataError, padded_rows
-from .lm_config import lm_file_format
+from ...config import Config
+from ..common import PAD_ID, DataError, attention_mask, carve, carved_size, padded, padded_rows, shuffled, subsample
+from .checks import lm_file_format
 
 IGNORE = -100  # label of tokens outside the loss (prompt, padding)
 
 
 @dataclass
-class LMTask:
+class LMData:
     """Checked token blocks per split (Arrow: id, input_ids, labels) and what they came from."""
 
     splits: dict[str, pa.Table]
     vocab_size: int
     notes: list[str] = field(default_factory=list)
-    num_labels: int = 0  # the job's generic fields (classification tasks use them)
-    label_names: list | None = None
-    task: str | None = None
-    pair: bool = False
 
     def sizes(self) -> dict[str, int]:
         return {k: v.num_rows for k, v in self.splits.items()}
@@ -177,36 +173,30 @@ def tokenize_split(cfg: Config, tokenizer, split: str, items: list) -> pa.Table:
     return _table(blocks, blocks)
 
 
-def load_lm_task(cfg: Config, tokenizer) -> LMTask:
+def load_lm_task(cfg: Config, tokenizer) -> LMData:
     """Read, check, carve, tokenise and subsample every split on the driver (no Ray needed)."""
     d = cfg.data
     raw = {split: read_split(cfg, split) for split in d.files}
     notes = []
-    rng = np.random.default_rng(cfg.seed)
-    if "validation" not in raw or "test" not in raw:
+    missing = [s for s in ("validation", "test") if s not in raw]
+    if missing:  # whole documents carved out of train
         docs = raw["train"]
-        missing = [s for s in ("validation", "test") if s not in raw]
-        order = rng.permutation(len(docs))
-        sizes = {s: max(1, int(round(getattr(d, f"{s}_fraction") * len(docs)))) for s in missing}
-        if sum(sizes.values()) >= len(docs):
+        sizes = [(s, carved_size(getattr(d, f"{s}_fraction"), len(docs))) for s in missing]
+        if sum(n for _, n in sizes) >= len(docs):
             raise DataError(f"data.files.train: {len(docs)} documents are too few to carve {', '.join(missing)} out of")
-        start = 0
-        for s in missing:
-            raw[s] = [docs[i] for i in np.sort(order[start:start + sizes[s]])]
-            start += sizes[s]
-        raw["train"] = [docs[i] for i in np.sort(order[start:])]
-        notes.append(f"{' and '.join(f'{s} ({sizes[s]})' for s in missing)} documents carved out of train (seed {cfg.seed})")
+        parts, rest = carve(len(docs), sizes, cfg.seed)
+        for s, index in parts.items():
+            raw[s] = [docs[i] for i in index]
+        raw["train"] = [docs[i] for i in rest]
+        notes.append(f"{' and '.join(f'{s} ({n})' for s, n in sizes)} documents carved out of train (seed {cfg.seed})")
     splits = {}
     for i, split in enumerate(("train", "validation", "test")):
         table = tokenize_split(cfg, tokenizer, split, raw[split])
-        cap = d.max_train_examples if split == "train" else d.max_eval_examples
-        if cap is not None and table.num_rows > cap:
-            table = table.take(np.sort(np.random.default_rng(cfg.seed + 1 + i).permutation(table.num_rows)[:cap]))
+        table = subsample(table, d.max_train_examples if split == "train" else d.max_eval_examples, cfg.seed + 1 + i)
         if split == "train":  # a seeded global shuffle, as classification tasks get
-            table = table.take(np.random.default_rng(cfg.seed).permutation(table.num_rows))
-        table = table.set_column(0, "id", pa.array(np.arange(table.num_rows), pa.int64()))
-        splits[split] = table
-    return LMTask(splits, len(tokenizer), notes)
+            table = shuffled(table, cfg.seed)
+        splits[split] = table.set_column(0, "id", pa.array(np.arange(table.num_rows), pa.int64()))
+    return LMData(splits, len(tokenizer), notes)
 
 
 # ----------------------------------------------------------------------------- Ray Data
@@ -233,18 +223,6 @@ def lm_to_ray(table: pa.Table, num_workers: int, blocks: int | None = None):
     return ray.data.from_arrow(table, override_num_blocks=blocks or max(1, min(64, table.num_rows // 64)))
 
 
-def padded(column, fill, dtype, width: int | None = None, per_item: int = 1):
-    """A list<...> Arrow column -> (rows, width * per_item) numpy, right-padded with fill."""
-    col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    offsets = col.offsets.to_numpy()
-    lengths = np.diff(offsets)
-    width = int(width if width is not None else lengths.max(initial=per_item) // per_item) * per_item
-    mask = np.arange(width)[None, :] < lengths[:, None]
-    out = np.full(mask.shape, fill, dtype=dtype)
-    out[mask] = col.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
-    return out
-
-
 class LMCollate(ArrowBatchCollateFn):
     """Arrow rows -> tensors padded to the batch's longest row: input_ids, attention_mask, labels
     (-100 on padding), ids, and for cached rows the teacher's top-k (B, L-1, k) and rest (B, L-1)."""
@@ -257,25 +235,16 @@ class LMCollate(ArrowBatchCollateFn):
         import torch
 
         ids = padded(batch.column("input_ids"), self.pad_token_id, np.int64)
-        lengths = np.diff(batch.column("input_ids").combine_chunks().offsets.to_numpy())
-        width = ids.shape[1]
+        rows, width = ids.shape
         out = {"input_ids": torch.from_numpy(ids),
-               "attention_mask": torch.from_numpy((np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)),
+               "attention_mask": torch.from_numpy(attention_mask(batch.column("input_ids"), width)),
                "labels": torch.from_numpy(padded(batch.column("labels"), IGNORE, np.int64, width)),
                "ids": torch.from_numpy(batch.column("id").to_numpy().astype(np.int64))}
         if "t_ids" in batch.column_names:
             k = int(batch.column("k").to_numpy().max())  # padding rows (id -1) carry k = 0
-            rows = len(lengths)
             shape = (rows, width - 1, k)
             out["t_ids"] = torch.from_numpy(padded(batch.column("t_ids"), 0, np.int64, width - 1, k).reshape(shape))
             logp = padded(batch.column("t_logp"), -np.inf, np.float32, width - 1, k).reshape(shape)
             out["t_probs"] = torch.from_numpy(np.exp(logp))
             out["t_rest"] = torch.from_numpy(padded(batch.column("t_rest"), 0.0, np.float32, width - 1))
         return out
-
-
-def lm_epoch_batches(shard, batch_size: int, pad_token_id: int, seed: int, epoch: int, shuffle_buffer: int = 0):
-    """A worker's LM batches for one epoch: local shuffle seeded by (seed, epoch), dynamic padding."""
-    return shard.iter_torch_batches(batch_size=batch_size, collate_fn=LMCollate(pad_token_id),
-                                    local_shuffle_buffer_size=shuffle_buffer or None,
-                                    local_shuffle_seed=seed * 1000 + epoch if shuffle_buffer else None)

@@ -42,14 +42,14 @@ def _teacher_identity(teacher_dir: str) -> dict:
     return {"dir": str(d.resolve()), "config": json.loads((d / "config.json").read_text()), "weights": weights}
 
 
-def fingerprint(cfg, task, teacher_dir: str) -> str:
+def fingerprint(cfg, data, teacher_dir: str) -> str:
     """Hash of what the cached values depend on: teacher weights, token blocks, k, length, dtype."""
     h = hashlib.sha256()
     c = cfg.lm.cache
     h.update(json.dumps({"format": FORMAT, "teacher": _teacher_identity(teacher_dir), "k": c.topk,
                          "max_length": cfg.data.max_length, "dtype": c.dtype}, sort_keys=True, default=str).encode())
     for split in SPLITS:
-        table = task.splits[split]
+        table = data.splits[split]
         h.update(split.encode())
         for col in ("input_ids", "labels"):
             arr = table.column(col).combine_chunks()
@@ -65,9 +65,9 @@ class TeacherScorer:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from .models import _quiet_transformers
+        from ..common import quiet_transformers
 
-        _quiet_transformers()
+        quiet_transformers()
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -80,15 +80,15 @@ class TeacherScorer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
-        from sinkd.topk_teacher import teacher_topk
+        from sinkd import TopKDistribution
 
-        from .lm_data import LMCollate
+        from .data import LMCollate
 
         tensors = LMCollate(self.pad)(batch)
         with torch.no_grad():
             logits = self.model(input_ids=tensors["input_ids"].to(self.device),
                                 attention_mask=tensors["attention_mask"].to(self.device)).logits[:, :-1]
-            top = teacher_topk(logits, self.k)
+            top = TopKDistribution.from_logits(logits, self.k)
         logp = top.probs.clamp_min(torch.finfo(torch.float32).tiny).log().float().cpu().numpy()
         ids, rest = top.ids.to(torch.int32).cpu().numpy(), top.rest.float().cpu().numpy()
         lengths = tensors["attention_mask"].sum(-1).numpy() - 1  # positions that predict a next token
@@ -103,12 +103,12 @@ class TeacherScorer:
         })
 
 
-def ensure_cache(cfg, task, teacher_dir: str) -> CacheInfo:
+def ensure_cache(cfg, data, teacher_dir: str) -> CacheInfo:
     """The cache for (teacher, data, k, max_length): reused when present, else built with Ray Data."""
     import ray.data
 
     c = cfg.lm.cache
-    fp = fingerprint(cfg, task, teacher_dir)
+    fp = fingerprint(cfg, data, teacher_dir)
     root = Path(c.dir) / fp
     if (root / MANIFEST).is_file():
         return CacheInfo(root, fp, False, json.loads((root / MANIFEST).read_text())["rows"])
@@ -116,7 +116,7 @@ def ensure_cache(cfg, task, teacher_dir: str) -> CacheInfo:
     tmp.mkdir(parents=True)
     try:
         # One pass over all splits (one set of teacher actors), written partitioned by split.
-        table = pa.concat_tables([task.splits[s].append_column("split", pa.array([s] * task.splits[s].num_rows))
+        table = pa.concat_tables([data.splits[s].append_column("split", pa.array([s] * data.splits[s].num_rows))
                                   for s in SPLITS])
         ds = ray.data.from_arrow(table, override_num_blocks=max(1, min(64, table.num_rows // (4 * c.batch_size))))
         scored = ds.map_batches(
@@ -125,7 +125,7 @@ def ensure_cache(cfg, task, teacher_dir: str) -> CacheInfo:
             batch_size=c.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=c.concurrency),
             num_cpus=c.num_cpus, **({"num_gpus": c.num_gpus} if c.num_gpus else {}))
         scored.write_parquet(str(tmp), partition_cols=["split"])
-        rows = {s: task.splits[s].num_rows for s in SPLITS}
+        rows = {s: data.splits[s].num_rows for s in SPLITS}
         (tmp / MANIFEST).write_text(json.dumps({"fingerprint": fp, "teacher": teacher_dir, "topk": c.topk,
                                                 "max_length": cfg.data.max_length, "dtype": c.dtype, "rows": rows}, indent=1))
         try:
@@ -148,8 +148,8 @@ def read_cache(info: CacheInfo, split: str, num_workers: int):
     import pyarrow.parquet as pq
     import ray.data
 
-    from .data import padded_rows
-    from .lm_data import padding_rows
+    from ..common import padded_rows
+    from .data import padding_rows
 
     files = split_files(info, split)
     if not files:

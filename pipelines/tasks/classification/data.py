@@ -15,25 +15,22 @@ from __future__ import annotations
 import csv
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 from ray.data.collate_fn import ArrowBatchCollateFn
 
-from .config import Config, ConfigError, DataConfig, file_format, resolve_path
+from ...config import Config, DataConfig, resolve_path
+from ..common import (PAD_ID, DataError, attention_mask, carve, carved_size, load_tokenizer, padded, padded_rows,
+                      shuffled, subsample)
 
-PAD_ID = -1  # id of the rows added so every worker gets the same number of rows
-
-
-class DataError(ConfigError):
-    """A bad data file or row; the message names the file (or split) and the row."""
+FILE_FORMATS = ("csv", "tsv", "jsonl", "json", "parquet")
 
 
 @dataclass
-class Task:
-    """The checked splits (Arrow tables) and what the labels mean."""
+class ClassificationData:
+    """The checked splits (Arrow tables: id, label, text_a[, text_b]) and what the labels mean."""
 
     splits: dict[str, pa.Table]
     num_labels: int
@@ -181,7 +178,12 @@ def _label_id(value, index: dict | None, num_labels: int | None) -> int | None:
     return label
 
 
-def load_task(config: Config, num_workers: int | None = None) -> Task:
+def file_format(cfg: DataConfig, path: Path) -> str:
+    fmt = cfg.format or path.suffix.lower().lstrip(".")
+    return {"json": "jsonl"}.get(fmt, fmt)
+
+
+def load_task(config: Config) -> ClassificationData:
     """Read, check and split the task's data on the driver (no Ray needed); raises DataError."""
     cfg = config.data
     source = _read_source(cfg)
@@ -205,56 +207,39 @@ def load_task(config: Config, num_workers: int | None = None) -> Task:
             if num_labels is None and split == "train":  # later splits are checked against train's classes
                 num_labels = max(int(pa.compute.max(table["label"]).as_py()) + 1, 2)
     splits = _carve(splits, cfg, config.seed, notes)
-    splits = _subsample(splits, cfg, config.seed)
-    # Files are often sorted (by label, source...): a seeded global shuffle of the train rows, so every
-    # worker's shard and every batch mixes the classes; Ray Data's local shuffle reorders each epoch.
-    train = splits["train"]
-    splits["train"] = train.take(np.random.default_rng(config.seed).permutation(train.num_rows))
+    splits = {split: subsample(table, cfg.max_train_examples if split == "train" else cfg.max_eval_examples,
+                               config.seed + 1 + i)  # i: the split's place in `splits`, as it always was
+              for i, (split, table) in enumerate(splits.items())}
+    splits["train"] = shuffled(splits["train"], config.seed)
     for split, table in splits.items():
         if table.num_rows == 0:
             raise DataError(f"data: split {split} is empty")
-    return Task(splits, num_labels, label_names, len(cfg.text_columns) == 2, cfg.task, notes)
+    return ClassificationData(splits, num_labels, label_names, len(cfg.text_columns) == 2, cfg.task, notes)
 
 
 def _carve(splits: dict, cfg: DataConfig, seed: int, notes: list) -> dict:
     """Missing validation/test splits: test falls back to validation, else both come out of train."""
-    rng = np.random.default_rng(seed)
     train = splits["train"]
     if "validation" not in splits and "test" not in splits:
-        order = rng.permutation(train.num_rows)
-        n_test = max(1, int(round(cfg.test_fraction * train.num_rows)))
-        n_val = max(1, int(round(cfg.validation_fraction * train.num_rows)))
-        splits["test"] = train.take(np.sort(order[:n_test]))
-        splits["validation"] = train.take(np.sort(order[n_test:n_test + n_val]))
-        splits["train"] = train.take(np.sort(order[n_test + n_val:]))
-        notes.append(f"validation ({n_val}) and test ({n_test}) rows carved out of train (seed {seed})")
+        sizes = [("test", carved_size(cfg.test_fraction, train.num_rows)),
+                 ("validation", carved_size(cfg.validation_fraction, train.num_rows))]
     elif "validation" not in splits:
-        order = rng.permutation(train.num_rows)
-        n_val = max(1, int(round(cfg.validation_fraction * train.num_rows)))
-        splits["validation"] = train.take(np.sort(order[:n_val]))
-        splits["train"] = train.take(np.sort(order[n_val:]))
-        notes.append(f"validation ({n_val}) rows carved out of train (seed {seed})")
-    elif "test" not in splits:
-        splits["test"] = splits["validation"]
+        sizes = [("validation", carved_size(cfg.validation_fraction, train.num_rows))]
+    else:
+        if "test" not in splits:
+            splits["test"] = splits["validation"]
+        return splits
+    parts, rest = carve(train.num_rows, sizes, seed)
+    for name, index in parts.items():
+        splits[name] = train.take(index)
+    splits["train"] = train.take(rest)
+    carved = dict(sizes)
+    notes.append(" and ".join(f"{name} ({carved[name]})" for name in ("validation", "test") if name in carved)
+                 + f" rows carved out of train (seed {seed})")
     return splits
 
 
-def _subsample(splits: dict, cfg: DataConfig, seed: int) -> dict:
-    out = {}
-    for i, (split, table) in enumerate(splits.items()):
-        cap = cfg.max_train_examples if split == "train" else cfg.max_eval_examples
-        if cap is not None and table.num_rows > cap:
-            keep = np.sort(np.random.default_rng(seed + 1 + i).permutation(table.num_rows)[:cap])
-            table = table.take(keep)
-        out[split] = table
-    return out
-
-
 # ----------------------------------------------------------------------------- Ray Data
-
-
-def padded_rows(n: int, num_workers: int) -> int:
-    return -n % num_workers
 
 
 def to_ray(table: pa.Table, num_workers: int, tokenizer_path: str, max_length: int, blocks: int | None = None):
@@ -272,14 +257,6 @@ def to_ray(table: pa.Table, num_workers: int, tokenizer_path: str, max_length: i
     ds = ray.data.from_arrow(table, override_num_blocks=blocks)
     return ds.map_batches(tokenize_batch, batch_format="pyarrow", zero_copy_batch=True,
                           fn_kwargs={"tokenizer_path": tokenizer_path, "max_length": max_length})
-
-
-@lru_cache(maxsize=4)
-def load_tokenizer(path: str):
-    """The teacher's fast tokenizer, loaded once per Ray worker process."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, use_fast=True)
 
 
 def tokenize_batch(batch: pa.Table, tokenizer_path: str, max_length: int) -> pa.Table:
@@ -301,46 +278,14 @@ class PadCollate(ArrowBatchCollateFn):
         super().__init__()
         self.pad_token_id = pad_token_id
 
-    @staticmethod
-    def _padded(column: pa.ChunkedArray, fill: int):
-        col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-        offsets = col.offsets.to_numpy()
-        lengths = np.diff(offsets)
-        width = int(lengths.max(initial=1))
-        mask = np.arange(width)[None, :] < lengths[:, None]
-        out = np.full(mask.shape, fill, dtype=np.int64)
-        out[mask] = col.values.to_numpy()[offsets[0]:offsets[-1]]
-        return out, mask
-
     def __call__(self, batch: pa.Table) -> dict:
         import torch
 
-        ids, mask = self._padded(batch.column("input_ids"), self.pad_token_id)
-        out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask.astype(np.int64)),
+        ids = padded(batch.column("input_ids"), self.pad_token_id, np.int64)
+        mask = attention_mask(batch.column("input_ids"), ids.shape[1])
+        out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
                "labels": torch.from_numpy(batch.column("label").to_numpy().astype(np.int64)),
                "ids": torch.from_numpy(batch.column("id").to_numpy().astype(np.int64))}
         if "token_type_ids" in batch.column_names:
-            out["token_type_ids"] = torch.from_numpy(self._padded(batch.column("token_type_ids"), 0)[0])
+            out["token_type_ids"] = torch.from_numpy(padded(batch.column("token_type_ids"), 0, np.int64, ids.shape[1]))
         return out
-
-
-def ingest_config():
-    """Ray Train's dataset config: preserve_order makes each rank's rows and their order a function of
-    the data alone (a resumed run replays the same batches); the equal split never drops a real row
-    because to_ray pads to a multiple of the worker count."""
-    from ray.data import ExecutionOptions
-    from ray.train import DataConfig
-
-    return DataConfig(execution_options=ExecutionOptions(preserve_order=True))
-
-
-def epoch_batches(shard, batch_size: int, pad_token_id: int, seed: int, epoch: int, shuffle_buffer: int = 0):
-    """A worker's batches for one epoch: local shuffle seeded by (seed, epoch), dynamic padding."""
-    return shard.iter_torch_batches(batch_size=batch_size, collate_fn=PadCollate(pad_token_id),
-                                    local_shuffle_buffer_size=shuffle_buffer or None,
-                                    local_shuffle_seed=seed * 1000 + epoch if shuffle_buffer else None)
-
-
-def batches_per_shard(rows: int, num_workers: int, batch_size: int) -> int:
-    """Batches each worker gets from an equal split of `rows` (already padded to a multiple)."""
-    return math.ceil(rows / num_workers / batch_size)

@@ -88,7 +88,8 @@ def predict(model_dir: str, table, max_length: int, batch_size: int = 64, cpus: 
     to `actors` Ray Data actors of `cpus` CPUs each (as many as fit start; one is enough to finish)."""
     from ray.data import ActorPoolStrategy
 
-    from .data import PAD_ID, to_ray
+    from ..common import PAD_ID, to_frame
+    from .data import to_ray
 
     ds = to_ray(table, 1, model_dir, max_length, blocks=max(1, min(64, table.num_rows // batch_size)))  # work for every actor
     out = ds.map_batches(Predictor, fn_constructor_kwargs={"model_dir": model_dir, "num_threads": max(1, int(cpus))},
@@ -97,14 +98,6 @@ def predict(model_dir: str, table, max_length: int, batch_size: int = 64, cpus: 
     frame = to_frame(out)
     frame = frame[frame["id"] != PAD_ID].sort_values("id")
     return frame
-
-
-def to_frame(ds):
-    """A dataset's rows as one pandas frame, joined as Arrow (Ray Data's own to_pandas goes through a
-    pandas call deprecated in pandas 3 once there are several blocks)."""
-    import pyarrow as pa
-
-    return pa.concat_tables(list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))).to_pandas()
 
 
 def evaluate_model(model_dir: str, table, names: list[str], max_length: int, batch_size: int = 64,

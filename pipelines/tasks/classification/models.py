@@ -9,22 +9,18 @@ from a subset of the teacher's layers (the PKD-style copy of the SinKD code).
 
 from __future__ import annotations
 
-import copy
 import json
-import re
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
 
-TASK_FILE = "sinkd_task.json"  # written next to exported models: kind, labels, label token ids
-_LAYER_KEY = re.compile(r"((?:^|\.)(?:encoder|decoder)\.(?:layer|block)\.)(\d+)(\.)")
+from ...config import Config, model_config
+from ..common import TASK_FILE, frozen_teacher, quiet_transformers, student_from_teacher_layers
 
 
 def model_kind(path: str | Path) -> str:
-    conf = json.loads((Path(path) / "config.json").read_text())
-    return "seq2seq" if conf.get("is_encoder_decoder") else "encoder"
+    return "seq2seq" if model_config(path).get("is_encoder_decoder") else "encoder"
 
 
 def read_task_file(path: str | Path) -> dict | None:
@@ -37,7 +33,7 @@ def is_task_tuned(path: str | Path, num_labels: int) -> bool:
     meta = read_task_file(path)
     if meta is not None:
         return meta.get("num_labels") == num_labels
-    conf = json.loads((Path(path) / "config.json").read_text())
+    conf = model_config(path)
     archs = conf.get("architectures") or []
     heads = len(conf["id2label"]) if "id2label" in conf else conf.get("num_labels", 2)  # transformers 5 omits the default 2
     return any(a.endswith("ForSequenceClassification") for a in archs) and heads == num_labels
@@ -77,59 +73,25 @@ def model_inputs(batch: dict, device) -> dict:
 # ----------------------------------------------------------------------------- building
 
 
-def _auto_class(kind: str):
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+def auto_class(kind: str):
+    """The transformers Auto class of an encoder classifier or an encoder-decoder."""
+    from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
-    if kind == "causal_lm":
-        return AutoModelForCausalLM
     return AutoModelForSequenceClassification if kind == "encoder" else AutoModelForSeq2SeqLM
-
-
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 def load_pretrained(path: str | Path, kind: str, num_labels: int, label_names: list[str] | None = None) -> nn.Module:
     """A Hugging Face model; encoder classifiers get a head of num_labels (new if the size differs)."""
-    _quiet_transformers()
+    quiet_transformers()
     if kind == "seq2seq":
-        return _auto_class(kind).from_pretrained(path)
+        return auto_class(kind).from_pretrained(path)
     names = label_names or [str(i) for i in range(num_labels)]
-    return _auto_class(kind).from_pretrained(path, num_labels=num_labels, id2label=dict(enumerate(names)),
-                                             label2id={n: i for i, n in enumerate(names)},
-                                             ignore_mismatched_sizes=True)
+    return auto_class(kind).from_pretrained(path, num_labels=num_labels, id2label=dict(enumerate(names)),
+                                            label2id={n: i for i, n in enumerate(names)},
+                                            ignore_mismatched_sizes=True)
 
 
-def _layer_count_keys(conf) -> list[str]:
-    return [k for k in ("num_hidden_layers", "num_layers", "num_decoder_layers") if hasattr(conf, k)]
-
-
-def student_from_teacher_layers(teacher: nn.Module, layers: list[int]) -> nn.Module:
-    """PKD-style: same architecture with len(layers) layers, initialised from those teacher layers
-    (embeddings, pooler and head copied as they are)."""
-    conf = copy.deepcopy(teacher.config)
-    for key in _layer_count_keys(conf):
-        setattr(conf, key, len(layers))
-    student = type(teacher)(conf)
-    source = teacher.state_dict()
-
-    def teacher_key(key: str) -> str:
-        return _LAYER_KEY.sub(lambda m: f"{m.group(1)}{layers[int(m.group(2))]}{m.group(3)}", key)
-
-    state = {}
-    for key in student.state_dict():
-        src = teacher_key(key)
-        if src not in source:  # e.g. T5's relative attention bias lives in block 0 only
-            src = _LAYER_KEY.sub(lambda m: f"{m.group(1)}0{m.group(3)}", key)
-        state[key] = source[src].clone()
-    student.load_state_dict(state, strict=True)
-    return student
-
-
-def build_student(cfg, teacher_path: str, kind: str, num_labels: int, label_names) -> nn.Module:
+def build_student(cfg: Config, teacher_path: str, kind: str, num_labels: int, label_names) -> nn.Module:
     """The student's Hugging Face model per `student.init` (call under a fixed seed: identical on all ranks)."""
     from transformers import AutoConfig
 
@@ -144,27 +106,9 @@ def build_student(cfg, teacher_path: str, kind: str, num_labels: int, label_name
     if kind == "encoder":
         conf.num_labels = num_labels
         conf.id2label, conf.label2id = teacher.config.id2label, teacher.config.label2id
-    return _auto_class(kind).from_config(conf)
+    return auto_class(kind).from_config(conf)
 
 
-def build_teacher(path: str, kind: str, num_labels: int, label_names, ds_config: dict | None):
-    """Frozen eval-mode teacher. With ZeRO-3 it is built while an HfDeepSpeedConfig is alive, so
-    transformers partitions the weights as they load (deepspeed.zero.Init directly fails in v5)."""
-    zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
-    if zero3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (weakly referenced by transformers)
-    model = load_pretrained(path, kind, num_labels, label_names)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-
-
-def no_grad_if(frozen: bool):
-    return torch.no_grad() if frozen else nullcontext()
+def build_teacher(path: str, kind: str, num_labels: int, label_names, ds_config_zero3: dict | None = None) -> nn.Module:
+    """The frozen eval-mode teacher (partitioned as it loads when given a ZeRO-3 DeepSpeed config)."""
+    return frozen_teacher(lambda: load_pretrained(path, kind, num_labels, label_names), ds_config_zero3)

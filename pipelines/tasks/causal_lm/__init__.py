@@ -1,0 +1,96 @@
+"""Decoder-only language models: token blocks of a corpus (or prompt/response records), one objective
+row per labelled token. Logits at t predict the token at t + 1 (shifted); every token whose label
+is not -100 is a row of the token-level objective (KD per token, batch-wise Sinkhorn over the batch's
+tokens with sinkhorn.group_size / topk). The teacher runs live or is read from the logit cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ...config import Config
+from ..common import epoch_shape, load_tokenizer
+from ..protocol import Prepared, Rows, Stage, StageMeta, WorkerContext
+from .checks import check_causal_lm, check_lm_models
+from .data import IGNORE, LMCollate, lm_to_ray, load_lm_task
+from .metrics import METRICS, cached_teacher, evaluate_lm, model_inputs, validate
+from .models import CausalLM, build_student, build_teacher, hf_teacher_dir
+
+KIND = "causal_lm"
+
+
+class CausalLMTask:
+    kinds = (KIND,)
+
+    def check(self, cfg: Config) -> None:
+        check_causal_lm(cfg)
+        check_lm_models(cfg)
+
+    def prepare(self, cfg: Config) -> Prepared:
+        """The GGUF teacher converted if needed (a cache under lm.cache.dir, not the run), blocks tokenised."""
+        teacher_dir = hf_teacher_dir(cfg)
+        data = load_lm_task(cfg, load_tokenizer(teacher_dir))
+        return Prepared(data, teacher_dir, False, list(METRICS), f"{data.vocab_size}-token vocabulary", data.notes)
+
+    def fingerprint(self, cfg: Config) -> dict:
+        return {"lm": dataclasses.asdict(cfg.lm)}
+
+    def before_students(self, cfg: Config, prepared: Prepared) -> None:
+        if cfg.lm.cache.enabled:  # the teacher runs once, before any student stage or trial
+            from .logit_cache import ensure_cache
+
+            ensure_cache(cfg, prepared.data, prepared.teacher_dir)
+
+    def stage_meta(self, cfg: Config, prepared: Prepared, stage: Stage) -> StageMeta:
+        tok = load_tokenizer(stage.model_path)
+        batches, steps, id_sums = epoch_shape(cfg, prepared.data.splits["train"], stage.train)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return StageMeta(KIND, prepared.data.vocab_size, None, None, prepared.metrics, batches, steps,
+                         pad if pad is not None else 0, id_sums)
+
+    def ray_datasets(self, cfg: Config, prepared: Prepared, stage: Stage) -> dict:
+        """Train and validation blocks: from the logit cache (built on first use) or plain."""
+        world = cfg.scaling.num_workers
+        if cfg.lm.cache.enabled:
+            from .logit_cache import ensure_cache, read_cache
+
+            info = ensure_cache(cfg, prepared.data, stage.model_path)
+            return {split: read_cache(info, split, world) for split in ("train", "validation")}
+        return {split: lm_to_ray(prepared.data.splits[split], world) for split in ("train", "validation")}
+
+    def build_student(self, cfg: Config, stage: Stage, meta: StageMeta):
+        hf = build_student(cfg, stage.model_path)
+        return hf, CausalLM(hf)
+
+    def build_teacher(self, cfg: Config, stage: Stage, meta: StageMeta, ds_config_zero3: dict | None):
+        if cfg.lm.cache.enabled:  # training reads the teacher's cached top-k
+            return None
+        return CausalLM(build_teacher(stage.model_path, ds_config_zero3))
+
+    def collate(self, meta: StageMeta):
+        return LMCollate(meta.pad_token_id)
+
+    def forward(self, w: WorkerContext, batch: dict) -> Rows:
+        inputs = model_inputs(batch, w.device)
+        labels = batch["labels"][:, 1:].to(w.device)
+        logits = w.engine(**inputs)[:, :-1].float()
+        if not bool((labels != IGNORE).any()):
+            return Rows(logits, None, labels, empty=True)
+        teacher = cached_teacher(batch, w.device)
+        if teacher is None:
+            with torch.no_grad():
+                teacher = w.teacher(**inputs)[:, :-1].float()
+        return Rows(logits, teacher, labels)
+
+    def validate(self, w: WorkerContext, shard) -> dict:
+        return validate(w, shard)
+
+    def evaluate(self, model_dir: str, cfg: Config, prepared: Prepared, split: str,
+                 cpus: float = 1.0, actors: int = 1) -> dict:
+        return evaluate_lm(model_dir, cfg, prepared.data, prepared.teacher_dir, split, cpus, actors)
+
+    def model_class(self, kind: str) -> type:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM

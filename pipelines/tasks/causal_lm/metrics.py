@@ -1,0 +1,107 @@
+"""Perplexity and top-1 agreement with the teacher: during training (every rank's validation tokens)
+and for exported models (Ray Data batch inference)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ...config import Config
+from ..common import PAD_ID, to_frame
+from ..protocol import WorkerContext
+from .data import IGNORE, LMCollate, LMData
+from .models import load_causal_lm
+
+METRICS = ["perplexity", "top1_agreement"]
+
+
+def model_inputs(batch: dict, device) -> dict:
+    return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+
+
+def cached_teacher(batch: dict, device):
+    """The batch's cached teacher as a sinkd TopKDistribution (B, L-1, k), or None."""
+    if "t_ids" not in batch:
+        return None
+    from sinkd import TopKDistribution
+
+    return TopKDistribution(batch["t_probs"].to(device), batch["t_ids"].to(device), batch["t_rest"].to(device))
+
+
+def validate(w: WorkerContext, shard) -> dict:
+    """Perplexity and top-1 agreement with the teacher over every rank's validation tokens."""
+    engine = w.engine
+    engine.eval()
+    sums = [0.0, 0.0, 0.0]  # nll, tokens, agreements
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=w.stage.train.eval_batch_size, collate_fn=LMCollate(w.meta.pad_token_id)):
+            inputs = model_inputs(batch, w.device)
+            logits = engine(**inputs)[:, :-1].float()
+            labels = batch["labels"][:, 1:].to(w.device)
+            real = labels != IGNORE
+            teacher = cached_teacher(batch, w.device)
+            t_top1 = teacher.ids[..., 0] if teacher is not None else w.teacher(**inputs)[:, :-1].argmax(-1)
+            sums[0] += float(F.cross_entropy(logits[real], labels[real], reduction="sum"))
+            sums[1] += float(real.sum())
+            sums[2] += float((logits.argmax(-1) == t_top1)[real].sum())
+    engine.train()
+    nll, tokens, agree = w.all_sum(sums)
+    tokens = max(tokens, 1.0)
+    return {"perplexity": math.exp(min(nll / tokens, 700.0)), "loss": nll / tokens, "top1_agreement": agree / tokens,
+            "tokens": int(tokens)}
+
+
+class LMScorer:
+    """Ray Data callable class: per block, the model's summed NLL, labelled tokens and top-1 agreements
+    with the teacher (from the cache's ids when the rows carry them, else a live teacher)."""
+
+    def __init__(self, model_dir: str, teacher_dir: str | None = None, num_threads: int | None = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.model = load_causal_lm(model_dir).eval()
+        self.teacher = load_causal_lm(teacher_dir).eval() if teacher_dir else None
+        pad = self.model.config.pad_token_id
+        self.collate = LMCollate(pad if isinstance(pad, int) else 0)
+
+    def __call__(self, batch) -> dict:
+        t = self.collate(batch)
+        inputs = {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
+        with torch.no_grad():
+            logits = self.model(**inputs, use_cache=False).logits[:, :-1].float()
+            if "t_ids" in t:
+                t_top1 = t["t_ids"][..., 0]
+            elif self.teacher is not None:
+                t_top1 = self.teacher(**inputs, use_cache=False).logits[:, :-1].argmax(-1)
+            else:
+                t_top1 = logits.argmax(-1)
+        labels = t["labels"][:, 1:]
+        real = labels != IGNORE
+        nll = F.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none") * real
+        return {"id": t["ids"].numpy(), "nll": nll.sum(-1).double().numpy(), "tokens": real.sum(-1).numpy(),
+                "agree": ((logits.argmax(-1) == t_top1) & real).sum(-1).numpy()}
+
+
+def evaluate_lm(model_dir: str, cfg: Config, data: LMData, teacher_dir: str, split: str = "test", cpus: float = 1.0, actors: int = 1) -> dict:
+    """Perplexity and top-1 agreement of an exported model on a split (Ray Data, up to `actors` actors of
+    `cpus` CPUs; token sums, so the order rows come back in does not matter)."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    if cfg.lm.cache.enabled:  # the teacher's top-1 ids come with the cached rows
+        from .logit_cache import ensure_cache, read_cache_table
+
+        table, teacher = read_cache_table(ensure_cache(cfg, data, teacher_dir), split), None
+    else:
+        table, teacher = data.splits[split], teacher_dir
+    ds = ray.data.from_arrow(table, override_num_blocks=max(1, min(64, table.num_rows // cfg.train.eval_batch_size)))
+    out = ds.map_batches(LMScorer, fn_constructor_kwargs={"model_dir": model_dir, "teacher_dir": teacher,
+                                                          "num_threads": max(1, int(cpus))},
+                         batch_size=cfg.train.eval_batch_size, batch_format="pyarrow",
+                         compute=ActorPoolStrategy(min_size=1, max_size=actors), num_cpus=cpus)
+    out = to_frame(out)
+    out = out[out["id"] != PAD_ID]
+    tokens = max(float(out["tokens"].sum()), 1.0)
+    return {"perplexity": math.exp(min(float(out["nll"].sum()) / tokens, 700.0)),
+            "top1_agreement": float(out["agree"].sum()) / tokens}

@@ -1,0 +1,59 @@
+"""One training stage as a Ray Train V2 TorchTrainer run, from the driver: the task's Ray datasets,
+one worker group running pipelines.train.worker, live progress, checkpoints under ray.storage_path."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ..config import Config, storage_root
+from ..tasks import Prepared, Stage, get_task
+from .worker import train_loop_per_worker
+
+
+def ingest_config():
+    """Ray Train's dataset config: preserve_order makes each rank's rows and their order a function of
+    the data alone (a resumed run replays the same batches); the equal split never drops a real row
+    because the task's datasets are padded to a multiple of the worker count."""
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    return DataConfig(execution_options=ExecutionOptions(preserve_order=True))
+
+
+def fit_stage(cfg: Config, prepared: Prepared, stage: Stage, show_progress: bool = True, callbacks: list | None = None):
+    """Run one stage with Ray Train; returns the ray.train.Result (checkpoint = the final epoch's).
+    callbacks: Ray Train UserCallbacks (Tune's TuneReportCallback when a trial runs this stage)."""
+    import ray
+    from ray.data import DataContext
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .progress import ProgressLog, ProgressUI
+
+    DataContext.get_current().enable_progress_bars = False
+    task = get_task(cfg.task_type)
+    meta = task.stage_meta(cfg, prepared, stage)
+    s, t = cfg.scaling, stage.train
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {}), **s.worker_resources}
+    log = ProgressLog.remote()
+    payload = {"task": task, "config": cfg.to_dict(), "stage": dataclasses.asdict(stage),
+               "meta": dataclasses.asdict(meta), "progress": log}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=payload,
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=stage.name, storage_path=storage_root(cfg),
+                             failure_config=FailureConfig(max_failures=s.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                             callbacks=callbacks,
+                             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if s.use_gpu else "cpu",
+                                                              "TOKENIZERS_PARALLELISM": "false"}}),
+        datasets=task.ray_datasets(cfg, prepared, stage),
+        dataset_config=ingest_config(),
+    )
+    tb = Path(cfg.run_dir) / "tb" / stage.name
+    with ProgressUI(log, stage.name, meta.steps_per_epoch * t.epochs, tb, show=show_progress):
+        result = trainer.fit()
+    ray.kill(log)
+    return result

@@ -4,6 +4,7 @@
     sinkd eval [CONFIG.yaml] [--model DIR ...] [--split test|validation]
     sinkd export [CONFIG.yaml] [--stage NAME] [--out DIR]
     sinkd tune CONFIG.yaml SPACE.yaml [--set key=value ...]
+    sinkd report RUN_DIR
     sinkd submit [--address URL] [--runtime-env FILE] [--follow] train|tune ARGS...
 
 User errors (config, data rows, files) print one line naming the key, file or row, and exit 2.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -27,6 +27,11 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("config", nargs="?", help="job YAML (default: the embedded default job)")
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
+        verbose(sp)
+
+    def verbose(sp):
+        sp.add_argument("--verbose", "-v", action="store_true",
+                        help="also show Ray's, DeepSpeed's and transformers' logs (always in RUN_DIR/logs)")
 
     t = sub.add_parser("train", help="fine-tune the teacher if needed, distil the students, score them")
     common(t)
@@ -45,24 +50,21 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("space", help="search space YAML, e.g. tune_spaces/sinkd_classification.yaml")
     u.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key of the base job (repeatable)")
+    verbose(u)
+    r = sub.add_parser("report", help="RUN_DIR/report.md + report.png from a run directory (also a running one)")
+    r.add_argument("run_dir", help="a run directory, e.g. runs/default")
     from .recipes.submit import add_parser
 
     add_parser(sub)
     return p
 
 
-def _quiet() -> None:
-    import logging
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset execution plans: not for users
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    warnings.filterwarnings("ignore", message=r".*TRANSFORMERS_CACHE.*")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    _quiet()
+    from .recipes import logs
+
+    logs.configure(verbose=getattr(args, "verbose", False))
+    warnings.filterwarnings("ignore", message=r".*TRANSFORMERS_CACHE.*")
     from .config import ConfigError
     from .recipes.tune_space import SpaceError
     from .tasks import load_checked_config
@@ -72,20 +74,31 @@ def main(argv: list[str] | None = None) -> int:
             from .recipes.submit import run
 
             return run(args)
+        if args.command == "report":
+            from .recipes.report import write_report
+
+            print(f"report: {write_report(args.run_dir)}")
+            return 0
         cfg = load_checked_config(args.config, args.overrides)  # one YAML parse; every check, before any work
         return {"train": _train, "eval": _eval, "tune": _tune, "export": _export}[args.command](cfg, args)
     except (ConfigError, SpaceError, FileNotFoundError) as e:
         print(f"sinkd: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # StageInterrupted (a stage's Ctrl-C) says where; any other moment too
+        from .train.fit import StageInterrupted
+
+        said = str(e) if isinstance(e, StageInterrupted) else "interrupted; rerun the same command to resume"
+        print(f"\nsinkd: {said}", file=sys.stderr)
+        return 130
 
 
 def _train(cfg, args) -> int:
     from .recipes.job import plan_job, run_job
 
     plan = plan_job(cfg)  # data and run-dir checks, before anything is written
+    print("\n".join(plan.describe()), flush=True)
     if args.check:
-        print(f"ok: config and data valid ({plan.prepared.data.sizes()}); stages: "
-              f"{'teacher fine-tuning, ' if plan.finetune else ''}{', '.join(plan.students)}")
+        print("ok: config and data valid")
         return 0
     results = run_job(cfg, show_progress=not args.no_progress, plan=plan)
     print()

@@ -7,7 +7,9 @@ config resumes: finished stages are reused, an interrupted one restarts from its
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ from ..tasks.common import TASK_FILE
 from ..tasks.protocol import TEACHER_STAGE as TEACHER
 from ..train.fit import fit_stage
 from .export import export_checkpoint
+from .report import write_report
 from .session import eval_pool, ray_session
 
 
@@ -30,6 +33,21 @@ class Plan:
     cfg: Config
     prepared: Prepared  # the task's checked data, the teacher to distil from, the fine-tuning decision
     students: dict  # name -> objective mapping
+    data_summary: dict  # Task.summarize: rows, sources, balance, lengths, warnings
+
+    def describe(self) -> list[str]:
+        """The plan in a few lines: stages, data, workers, then the data summary."""
+        cfg, s, t = self.cfg, self.cfg.scaling, self.cfg.train
+        stages = ([f"teacher fine-tuning ({teacher_train_config(cfg).epochs} epoch(s))"] if self.finetune else []) \
+            + [f"{', '.join(self.students)} ({t.epochs} epoch(s) each)"]
+        sizes = self.prepared.data.sizes()
+        workers = f"{s.num_workers} worker(s) x {s.cpus_per_worker:g} CPU" + (f" + {s.gpus_per_worker:g} GPU" if s.use_gpu else "")
+        lines = [f"plan: {'; '.join(stages)}",
+                 f"data: {sizes.get('train', 0):,} train / {sizes.get('validation', 0):,} validation / "
+                 f"{sizes.get('test', 0):,} test rows, {self.prepared.description}",
+                 f"run: {workers}, ZeRO-{t.zero_stage}, {t.precision}; run directory {cfg.run_dir}",
+                 *self.data_summary["lines"]]
+        return lines + [f"warning: {w}" for w in self.data_summary["warnings"]]
 
     @property
     def finetune(self) -> bool:
@@ -43,10 +61,11 @@ class Plan:
 def plan_job(cfg: Config) -> Plan:
     """Load and check the data and decide the stages; raises ConfigError/DataError, writes nothing
     to the run directory (a causal LM's GGUF teacher is dequantised once into lm.cache.dir: a cache)."""
-    prepared = get_task(cfg.task_type).prepare(cfg)
+    task = get_task(cfg.task_type)
+    prepared = task.prepare(cfg)
     students = {cfg.name: dict(cfg.objective)}
     students.update({name: {**cfg.objective, **over} for name, over in cfg.baselines.items()})
-    plan = Plan(cfg, prepared, students)
+    plan = Plan(cfg, prepared, students, task.summarize(cfg, prepared))
     _check_fingerprints(plan)
     return plan
 
@@ -100,13 +119,19 @@ def prepare_run_dir(cfg: Config) -> None:
     target.write_text(text)
 
 
+def _stage_done(cfg: Config, name: str) -> bool:
+    """An earlier run trained and exported this stage with the same settings (the fingerprints of
+    stages already on disk were compared in plan_job)."""
+    return (stage_model_dir(cfg, name) / TASK_FILE).is_file() and _fingerprint_file(cfg, name).is_file()
+
+
 def _run_stage(plan: Plan, stage, show_progress: bool) -> dict:
     """Train and export one stage, or reuse it when an earlier run finished it with the same settings."""
     cfg = plan.cfg
     out = stage_model_dir(cfg, stage.name)
     info = {"path": str(out)}
     fp = _fingerprint_file(cfg, stage.name)
-    if (out / TASK_FILE).is_file() and fp.is_file():
+    if _stage_done(cfg, stage.name):
         return {**info, "reused": True}
     fp.parent.mkdir(parents=True, exist_ok=True)
     fp.write_text(json.dumps(_stage_fingerprint(plan, stage.name), indent=1))
@@ -137,27 +162,74 @@ def run_job(cfg: Config, show_progress: bool = True, plan: Plan | None = None) -
     """The whole job; returns the results written to run_dir/results.json."""
     plan = plan or plan_job(cfg)
     prepare_run_dir(cfg)
+    (Path(cfg.run_dir) / "data_summary.json").write_text(json.dumps(
+        {k: v for k, v in plan.data_summary.items() if k != "lines"}, indent=1))
     run_dir, prepared, task = Path(cfg.run_dir), plan.prepared, get_task(cfg.task_type)
     results = {"run_dir": str(run_dir), "data": prepared.data.sizes(), "description": prepared.description,
                "metrics": prepared.metrics, "notes": prepared.notes, "models": {}}
     started = time.time()
-    with ray_session(cfg):
+    stages = ([TEACHER] if plan.finetune else []) + list(plan.students)
+    paths = {TEACHER: plan.teacher_dir, **{name: str(stage_model_dir(cfg, name)) for name in stages}}
+    scores = {name: _stored_score(cfg, prepared, name, path) for name, path in paths.items()}
+    nothing_to_do = all(_stage_done(cfg, name) for name in stages) and all(v is not None for v in scores.values())
+    with contextlib.nullcontext() if nothing_to_do else ray_session(cfg):  # a finished job reruns in seconds
         models = results["models"]
         if plan.finetune:
             models[TEACHER] = _run_stage(plan, teacher_stage(cfg), show_progress)
         else:
             models[TEACHER] = {"path": plan.teacher_dir, "given": True}
-        task.before_students(cfg, prepared)
+        if not nothing_to_do:
+            task.before_students(cfg, prepared)
         for name, objective in plan.students.items():
             models[name] = _run_stage(plan, Stage(name, plan.teacher_dir, objective, cfg.train), show_progress)
         pool = eval_pool(cfg)
-        for info in models.values():
-            info["test"] = task.evaluate(info["path"], cfg, prepared, "test", **pool)
+        for name, info in models.items():
+            if scores[name] is None or not info.get("reused", info.get("given")):
+                scores[name] = task.evaluate(info["path"], cfg, prepared, "test", **pool)
+                _store_score(cfg, prepared, name, info["path"], scores[name])
+            info["test"] = scores[name]
             info["layers"], info["params"] = _size(info["path"])
     results["wall_s"] = round(time.time() - started, 1)
     (run_dir / "results.json").write_text(json.dumps(results, indent=1))
     (run_dir / "summary.txt").write_text(summary(results))
+    write_report(run_dir)
     return results
+
+
+def _score_key(cfg: Config, prepared: Prepared, model_dir: str) -> str:
+    """What a model's test scores depend on: its files, the test rows, the metrics, the length cap."""
+    import pyarrow as pa
+
+    h = hashlib.sha256(json.dumps([prepared.metrics, cfg.data.max_length, cfg.train.eval_batch_size,
+                                   prepared.teacher_dir, dataclasses.asdict(cfg.lm)]).encode())
+    for f in sorted(Path(model_dir).iterdir()):
+        if f.is_file():
+            stat = f.stat()
+            h.update(f"{f.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, prepared.data.splits["test"].schema) as writer:
+        writer.write_table(prepared.data.splits["test"])
+    h.update(sink.getvalue().to_pybytes())
+    return h.hexdigest()
+
+
+def _score_file(cfg: Config, name: str) -> Path:
+    return Path(cfg.run_dir) / "scores" / f"{name}.json"
+
+
+def _stored_score(cfg: Config, prepared: Prepared, name: str, model_dir: str) -> dict | None:
+    """The test scores an earlier run stored for this model, if the model and the test rows are unchanged."""
+    path = _score_file(cfg, name)
+    if not path.is_file() or not (Path(model_dir) / "config.json").is_file():
+        return None
+    stored = json.loads(path.read_text())
+    return stored["test"] if stored.get("key") == _score_key(cfg, prepared, model_dir) else None
+
+
+def _store_score(cfg: Config, prepared: Prepared, name: str, model_dir: str, scores: dict) -> None:
+    path = _score_file(cfg, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": _score_key(cfg, prepared, model_dir), "test": scores}, indent=1))
 
 
 def _size(model_dir: str) -> tuple[int, int]:
@@ -197,6 +269,8 @@ def summary(results: dict) -> str:
                      f"  {train_s:>8} {'-' if eps is None else round(eps):>7}")
     lines += ["", f"wall time: {results.get('wall_s', 0):.0f} s",
               f"models: {Path(results['run_dir']) / 'models'}",
+              f"report: {Path(results['run_dir']) / 'report.md'} (with report.png)",
+              f"logs: {Path(results['run_dir']) / 'logs'}",
               f"TensorBoard: tensorboard --logdir {Path(results['run_dir']) / 'tb'}"]
     lines += [f"note: {n}" for n in results.get("notes", [])]
     return "\n".join(lines) + "\n"

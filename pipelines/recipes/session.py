@@ -6,6 +6,7 @@ import contextlib
 import os
 
 from ..config import Config
+from . import logs
 
 
 def init_local_ray(**kwargs) -> None:
@@ -48,16 +49,13 @@ def eval_pool(cfg: Config) -> dict:
 def ray_session(cfg: Config, extra_cpus: int = 0):
     """Join the running Ray (tests, notebooks), a cluster (ray.address), or start a local one;
     extra_cpus: logical CPUs a local one gets on top (Tune's trial drivers, which only wait)."""
-    import logging
-
     import ray
-    import ray.data  # noqa: F401  (Ray Data sets its loggers' levels on import; ours come after)
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset execution plans: not for users
+    logs.quiet_ray_data()
     if ray.is_initialized():
         yield
         return
-    kwargs = {"address": cfg.ray.address, "log_to_driver": True}
+    kwargs = {"address": cfg.ray.address, **logs.ray_init_kwargs()}
     if cfg.ray.address is None and os.environ.get("RAY_ADDRESS"):
         kwargs["address"] = os.environ["RAY_ADDRESS"]  # a `ray job submit` entrypoint: join its cluster
     if kwargs["address"] is None:
@@ -67,9 +65,12 @@ def ray_session(cfg: Config, extra_cpus: int = 0):
         init_local_ray(num_cpus=(cfg.ray.num_cpus or (os.cpu_count() or 1) + 1) + extra_cpus,
                        object_store_memory=cfg.ray.object_store_memory_mb * 2**20 if cfg.ray.object_store_memory_mb else None,
                        **kwargs)
+        logs.to_run_dir(cfg.run_dir, local_ray=True)
     else:
         ray.init(**kwargs)
+        logs.to_run_dir(cfg.run_dir, local_ray=False)
     try:
         yield
     finally:
         ray.shutdown()
+        logs.detach()

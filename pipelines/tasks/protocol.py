@@ -106,6 +106,9 @@ class Task(Protocol):
     def fingerprint(self, cfg: Config) -> dict:
         """Config parts beyond data, seed, models and objective that a trained stage depends on."""
 
+    def summarize(self, cfg: Config, prepared: Prepared) -> dict:
+        """The data before training: {"splits": {split: facts}, "warnings": [...], "lines": [terminal lines]}."""
+
     def before_students(self, cfg: Config, prepared: Prepared) -> None:
         """Work shared by every student stage and Tune trial, run once (e.g. a teacher logit cache)."""
 

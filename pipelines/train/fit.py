@@ -11,6 +11,14 @@ from ..tasks import Prepared, Stage, get_task
 from .worker import train_loop_per_worker
 
 
+class StageInterrupted(KeyboardInterrupt):
+    """A stage stopped before its last step (Ctrl-C); its checkpoints stay, a rerun resumes from them."""
+
+    def __init__(self, stage: str, step: int, total: int):
+        super().__init__(f"interrupted in stage {stage} at step {step} of {total}; rerun the same command to resume")
+        self.stage, self.step, self.total = stage, step, total
+
+
 def ingest_config():
     """Ray Train's dataset config: preserve_order makes each rank's rows and their order a function of
     the data alone (a resumed run replays the same batches); the equal split never drops a real row
@@ -31,7 +39,7 @@ def fit_stage(cfg: Config, prepared: Prepared, stage: Stage, show_progress: bool
 
     from .progress import ProgressLog, ProgressUI
 
-    DataContext.get_current().enable_progress_bars = False
+    DataContext.get_current().enable_progress_bars = False  # the ProgressUI below is this stage's bar
     task = get_task(cfg.task_type)
     meta = task.stage_meta(cfg, prepared, stage)
     s, t = cfg.scaling, stage.train
@@ -52,8 +60,13 @@ def fit_stage(cfg: Config, prepared: Prepared, stage: Stage, show_progress: bool
         datasets=task.ray_datasets(cfg, prepared, stage),
         dataset_config=ingest_config(),
     )
-    tb = Path(cfg.run_dir) / "tb" / stage.name
-    with ProgressUI(log, stage.name, meta.steps_per_epoch * t.epochs, tb, show=show_progress):
-        result = trainer.fit()
+    tb, total = Path(cfg.run_dir) / "tb" / stage.name, meta.steps_per_epoch * t.epochs
+    with ProgressUI(log, stage.name, total, tb, show=show_progress) as ui:
+        try:
+            result = trainer.fit()  # Ctrl-C: Ray Train aborts the run gracefully and returns, or exits
+        except (KeyboardInterrupt, SystemExit):  # its SIGINT handler calls sys.exit once the controller is gone
+            raise StageInterrupted(stage.name, ui.step, total) from None
     ray.kill(log)
+    if (result.metrics or {}).get("epoch") != t.epochs or result.checkpoint is None:
+        raise StageInterrupted(stage.name, ui.step, total)
     return result

@@ -79,18 +79,35 @@ def train_loop_per_worker(payload: dict) -> None:
     """Ray Train entry point: setup, resume, then per epoch train -> validate -> checkpoint + report."""
     import ray.train
 
+    progress = payload.get("progress")
+    forward_warnings(progress)
     w = setup(payload)
     state = resume(w)
-    progress = payload.get("progress")
+    if state.resumed_from and w.rank == 0 and progress is not None:
+        progress.push.remote("resumed", state.global_step, {"step": state.global_step})
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("validation")
     for epoch in range(state.epoch, w.stage.train.epochs):
         stats = train_epoch(w, train_shard, epoch, state, progress)
         val = {f"val_{k}": v for k, v in w.task.validate(w, val_shard).items()}
         state.epoch, state.step_in_epoch = epoch + 1, 0
         if w.rank == 0 and progress is not None:
-            progress.push.remote("val", state.global_step, val)
+            progress.push.remote("val", state.global_step, {**val, "epoch": epoch + 1})
         save_and_report(w, state, {"stage": w.stage.name, "epoch": epoch + 1, "global_step": state.global_step,
                                    **stats, **val, **teacher_footprint(w)})
+
+
+def forward_warnings(progress) -> None:
+    """Python warnings of this worker also go to the driver's terminal (its output does not, unless
+    --verbose: it stays in Ray's log files)."""
+    if progress is None:
+        return
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        progress.push.remote("warning", 0, {"text": f"{category.__name__}: {message} ({Path(filename).name}:{lineno})"})
+        shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def setup(payload: dict) -> Worker:
@@ -204,6 +221,10 @@ class Throughput:
         if self.first_step is None:
             self.first_step = (time.perf_counter(), self.examples)
 
+    def rate(self) -> float:
+        """This rank's examples per second so far in the epoch."""
+        return self.examples / max(time.perf_counter() - self.started, 1e-9)
+
     def sums(self) -> list[float]:
         now = time.perf_counter()
         since, done = self.first_step or (self.started, 0)
@@ -258,7 +279,8 @@ def train_epoch(w: Worker, shard, epoch: int, state: State, progress) -> dict:
         clock.stepped()
         if w.rank == 0 and progress is not None and state.global_step % t.log_every_steps == 0:
             progress.push.remote("train", state.global_step, {
-                **logged, "lr": float(w.engine.get_lr()[0]), "epoch": epoch + state.step_in_epoch / meta.steps_per_epoch})
+                **logged, "lr": float(w.engine.get_lr()[0]), "epoch": epoch + state.step_in_epoch / meta.steps_per_epoch,
+                "examples_per_s": clock.rate() * w.world})
         maybe_inject_failure(w, state.global_step)
         if mid_epoch_checkpoint_due(t, state, meta):
             save_and_report(w, state, {"stage": w.stage.name, "epoch": epoch, "global_step": state.global_step,

@@ -174,3 +174,23 @@ def test_label_sorted_file_is_shuffled_once_for_training(tmp_path, tiny_bert):
     half = len(labels) // 2
     assert 0.25 < sum(labels[:half]) / half < 0.75  # each worker's half of an equal split mixes the classes
     assert load_task(_cfg(tmp_path, tiny_bert, {"train": str(tmp_path / "train.tsv")})).splits["train"].equals(task.splits["train"])
+
+
+def test_notes_and_summary_give_the_rows_actually_used(tmp_path, tiny_bert):
+    """Carved splits capped by data.max_eval_examples: the note and the data summary say how many rows
+    were used out of how many carved, and a class that looks like a typo is flagged."""
+    from pipelines.tasks.classification.summary import summarize
+
+    rows = [f"sentence {i}\t{i % 2}" for i in range(199)] + ["odd one\t5"]
+    cfg = _cfg(tmp_path, tiny_bert, {"train": _tsv(tmp_path / "train.tsv", rows)}, max_eval_examples=7)
+    task = load_task(cfg)
+    assert task.sizes()["validation"] == task.sizes()["test"] == 7
+    assert task.notes == ["validation 7 of 20 and test 7 of 20 rows carved out of train (seed 0)"]
+    summary = summarize(task, str(tiny_bert), cfg.data.max_length)
+    assert summary["splits"]["validation"] | {"labels": None, "tokens": None, "truncated": None} == {
+        "rows": 7, "available": 20, "source": "carved out of train.tsv (seed 0)", "labels": None, "tokens": None,
+        "truncated": None, "max_length": 32}
+    train = summary["splits"]["train"]
+    assert sum(train["labels"].values()) == task.sizes()["train"] and train["labels"]["2"] == 0
+    assert any("class 5 has 1 row(s)" in w for w in summary["warnings"]), summary["warnings"]
+    assert any(w.startswith("train: no row of class 2, 3, 4") for w in summary["warnings"]), summary["warnings"]

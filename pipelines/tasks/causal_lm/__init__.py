@@ -42,6 +42,17 @@ class CausalLMTask:
 
             ensure_cache(cfg, prepared.data, prepared.teacher_dir)
 
+    def summarize(self, cfg: Config, prepared: Prepared) -> dict:
+        data, splits = prepared.data, {}
+        for split, table in data.splits.items():
+            splits[split] = {"blocks": table.num_rows, "available": data.available.get(split, table.num_rows),
+                             "documents": data.documents.get(split), "tokens": data.tokens(split),
+                             "source": data.sources.get(split)}
+        lines = [f"  {split:<10} {s['blocks']:>8,} blocks" + (f" of {s['available']:,}" if s["available"] > s["blocks"] else "")
+                 + f"  {s['tokens']:,} labelled tokens, {s['documents']:,} documents  from {s['source']}"
+                 for split, s in splits.items()]
+        return {"splits": splits, "warnings": [], "lines": lines}
+
     def stage_meta(self, cfg: Config, prepared: Prepared, stage: Stage) -> StageMeta:
         tok = load_tokenizer(stage.model_path)
         batches, steps, id_sums = epoch_shape(cfg, prepared.data.splits["train"], stage.train)

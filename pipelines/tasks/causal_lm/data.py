@@ -36,6 +36,9 @@ class LMData:
     splits: dict[str, pa.Table]
     vocab_size: int
     notes: list[str] = field(default_factory=list)
+    documents: dict[str, int] = field(default_factory=dict)  # split -> documents (or records) read
+    available: dict[str, int] = field(default_factory=dict)  # split -> blocks before data.max_*_examples
+    sources: dict[str, str] = field(default_factory=dict)  # split -> where its documents came from
 
     def sizes(self) -> dict[str, int]:
         return {k: v.num_rows for k, v in self.splits.items()}
@@ -189,14 +192,18 @@ def load_lm_task(cfg: Config, tokenizer) -> LMData:
             raw[s] = [docs[i] for i in index]
         raw["train"] = [docs[i] for i in rest]
         notes.append(f"{' and '.join(f'{s} ({n})' for s, n in sizes)} documents carved out of train (seed {cfg.seed})")
-    splits = {}
+    train_file = Path(d.files["train"]).name
+    sources = {split: Path(d.files[split]).name if split in d.files else f"carved out of {train_file} (seed {cfg.seed})"
+               for split in raw}
+    splits, available = {}, {}
     for i, split in enumerate(("train", "validation", "test")):
         table = tokenize_split(cfg, tokenizer, split, raw[split])
+        available[split] = table.num_rows
         table = subsample(table, d.max_train_examples if split == "train" else d.max_eval_examples, cfg.seed + 1 + i)
         if split == "train":  # a seeded global shuffle, as classification tasks get
             table = shuffled(table, cfg.seed)
         splits[split] = table.set_column(0, "id", pa.array(np.arange(table.num_rows), pa.int64()))
-    return LMData(splits, len(tokenizer), notes)
+    return LMData(splits, len(tokenizer), notes, {split: len(items) for split, items in raw.items()}, available, sources)
 
 
 # ----------------------------------------------------------------------------- Ray Data

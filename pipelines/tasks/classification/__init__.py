@@ -12,8 +12,18 @@ from ..protocol import TEACHER_STAGE, Prepared, Rows, Stage, StageMeta, WorkerCo
 from .checks import check_classification
 from .data import PadCollate, load_task, to_ray
 from .metrics import compute_metrics, evaluate_model, metric_names
-from .models import (Classifier, auto_class, build_student, build_teacher, is_task_tuned, label_token_ids,
-                     load_pretrained, model_inputs, model_kind)
+from .models import (
+    Classifier,
+    auto_class,
+    build_student,
+    build_teacher,
+    is_task_tuned,
+    label_token_ids,
+    load_pretrained,
+    model_inputs,
+    model_kind,
+)
+from .summary import summarize
 
 
 class ClassificationTask:
@@ -40,6 +50,9 @@ class ClassificationTask:
 
     def before_students(self, cfg: Config, prepared: Prepared) -> None:
         pass
+
+    def summarize(self, cfg: Config, prepared: Prepared) -> dict:
+        return summarize(prepared.data, cfg.teacher.path, cfg.data.max_length)
 
     def stage_meta(self, cfg: Config, prepared: Prepared, stage: Stage) -> StageMeta:
         data = prepared.data

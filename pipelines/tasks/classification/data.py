@@ -38,6 +38,8 @@ class ClassificationData:
     pair: bool
     task: str | None = None
     notes: list[str] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)  # split -> where its rows came from
+    available: dict[str, int] = field(default_factory=dict)  # split -> rows before data.max_*_examples
 
     def sizes(self) -> dict[str, int]:
         return {k: v.num_rows for k, v in self.splits.items()}
@@ -195,7 +197,7 @@ def load_task(config: Config) -> ClassificationData:
     if label_names is None and feature is not None and hasattr(feature, "names"):
         label_names = list(feature.names)  # hub ClassLabel: names come with the data
     num_labels = len(label_names) if label_names else cfg.num_labels
-    splits, notes = {}, []
+    splits, notes, sources = {}, [], {}
     for split in ("train", "validation", "test"):
         if split in source:
             ds, where, style = source[split]
@@ -203,10 +205,11 @@ def load_task(config: Config) -> ClassificationData:
             if table is None:
                 notes.append(f"{where}: labels withheld; the test scores use the validation split")
                 continue
-            splits[split] = table
+            splits[split], sources[split] = table, Path(where).name if Path(where).is_file() else where
             if num_labels is None and split == "train":  # later splits are checked against train's classes
                 num_labels = max(int(pa.compute.max(table["label"]).as_py()) + 1, 2)
-    splits = _carve(splits, cfg, config.seed, notes)
+    carved = _carve(splits, sources, cfg, config.seed)
+    available = {split: table.num_rows for split, table in splits.items()}
     splits = {split: subsample(table, cfg.max_train_examples if split == "train" else cfg.max_eval_examples,
                                config.seed + 1 + i)  # i: the split's place in `splits`, as it always was
               for i, (split, table) in enumerate(splits.items())}
@@ -214,11 +217,17 @@ def load_task(config: Config) -> ClassificationData:
     for split, table in splits.items():
         if table.num_rows == 0:
             raise DataError(f"data: split {split} is empty")
-    return ClassificationData(splits, num_labels, label_names, len(cfg.text_columns) == 2, cfg.task, notes)
+    if carved:  # the counts actually used, after data.max_*_examples
+        notes.append(" and ".join(f"{name} {splits[name].num_rows}" + (f" of {available[name]}" if splits[name].num_rows
+                                  < available[name] else "") for name in ("validation", "test") if name in carved)
+                     + f" rows carved out of train (seed {config.seed})")
+    return ClassificationData(splits, num_labels, label_names, len(cfg.text_columns) == 2, cfg.task, notes,
+                              sources, available)
 
 
-def _carve(splits: dict, cfg: DataConfig, seed: int, notes: list) -> dict:
-    """Missing validation/test splits: test falls back to validation, else both come out of train."""
+def _carve(splits: dict, sources: dict, cfg: DataConfig, seed: int) -> list[str]:
+    """Missing validation/test splits, in place: test falls back to validation, else both come out of
+    train (seeded). Returns the splits carved out of train."""
     train = splits["train"]
     if "validation" not in splits and "test" not in splits:
         sizes = [("test", carved_size(cfg.test_fraction, train.num_rows)),
@@ -227,16 +236,13 @@ def _carve(splits: dict, cfg: DataConfig, seed: int, notes: list) -> dict:
         sizes = [("validation", carved_size(cfg.validation_fraction, train.num_rows))]
     else:
         if "test" not in splits:
-            splits["test"] = splits["validation"]
-        return splits
+            splits["test"], sources["test"] = splits["validation"], f"{sources['validation']} (no test split)"
+        return []
     parts, rest = carve(train.num_rows, sizes, seed)
     for name, index in parts.items():
-        splits[name] = train.take(index)
+        splits[name], sources[name] = train.take(index), f"carved out of {sources['train']} (seed {seed})"
     splits["train"] = train.take(rest)
-    carved = dict(sizes)
-    notes.append(" and ".join(f"{name} ({carved[name]})" for name in ("validation", "test") if name in carved)
-                 + f" rows carved out of train (seed {seed})")
-    return splits
+    return list(parts)
 
 
 # ----------------------------------------------------------------------------- Ray Data

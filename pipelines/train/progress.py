@@ -89,7 +89,7 @@ class ProgressUI:
                                if k.startswith("val_") and k not in ("val_examples", "val_tokens"))
             text = f"{self.stage:>8} epoch {metrics.get('epoch', '?')}: validation {scores}"
         elif kind == "resumed":
-            text = f"{self.stage:>8}: the worker group restarted; resumed at step {metrics['step']} from the latest checkpoint"
+            text = f"{self.stage:>8}: resumed at step {metrics['step']} from the latest checkpoint"
         else:
             text = f"warning ({self.stage} worker): {metrics['text']}"
             if text in self._said:

@@ -3,7 +3,8 @@ DeepSpeed's and transformers' logs go to RUN_DIR/logs/ (`--verbose` shows them t
 
 Only the libraries' own controls are used: `ray.init(log_to_driver=...)` (worker output stays in
 Ray's session log files, linked as RUN_DIR/logs/ray), logger levels and handlers, Ray Data's
-DataContext, explicit RAY_AUTH_MODE / DS_ACCELERATOR (their "unset, so I guessed" warnings).
+DataContext, an explicit DS_ACCELERATOR (and RAY_AUTH_MODE for a local Ray: their "unset, so I
+guessed" warnings).
 Warnings a worker raises still reach the terminal: the training worker forwards them through the
 progress actor (pipelines.train.worker).
 """
@@ -24,10 +25,9 @@ def configure(verbose: bool = False, use_gpu: bool = False) -> None:
     _state["verbose"] = verbose
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    # DeepSpeed warns "Setting accelerator to CPU" when it has to guess, Ray warns that token
-    # authentication is on when RAY_AUTH_MODE is unset: say what we want (Ray's secure default).
+    # DeepSpeed warns "Setting accelerator to CPU" when it has to guess: say it (the driver only
+    # consolidates checkpoints; training workers get their own DS_ACCELERATOR).
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     if verbose:
         return
     import ray  # noqa: F401  (installs Ray's console handler on the "ray" logger)

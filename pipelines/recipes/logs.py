@@ -3,8 +3,7 @@ DeepSpeed's and transformers' logs go to RUN_DIR/logs/ (`--verbose` shows them t
 
 Only the libraries' own controls are used: `ray.init(log_to_driver=...)` (worker output stays in
 Ray's session log files, linked as RUN_DIR/logs/ray), logger levels and handlers, Ray Data's
-DataContext, an explicit DS_ACCELERATOR (and RAY_AUTH_MODE for a local Ray: their "unset, so I
-guessed" warnings).
+DataContext, an explicit DS_ACCELERATOR (DeepSpeed's "unset, so I guessed" warning).
 Warnings a worker raises still reach the terminal: the training worker forwards them through the
 progress actor (pipelines.train.worker).
 """
@@ -36,6 +35,9 @@ def configure(verbose: bool = False, use_gpu: bool = False) -> None:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # Ray announces that a new local cluster got token authentication, its default (RAY_AUTH_MODE
+    # unset); setting the variable ourselves would have to happen before Ray reads it at import.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Ray Data notes once that its progress bars are off: sinkd turned them off and draws its own.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging

@@ -23,9 +23,6 @@ def init_local_ray(**kwargs) -> None:
 
     import ray
 
-    # Token authentication is Ray's default for a new local cluster; saying so explicitly spares the
-    # "RAY_AUTH_MODE is unset" warning (a cluster joined by address keeps whatever mode it has).
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     with socket.socket() as sock:
         sock.bind(("", 0))
         port = sock.getsockname()[1]

@@ -22,7 +22,7 @@ from ..tasks.common import TASK_FILE
 from ..tasks.protocol import TEACHER_STAGE as TEACHER
 from ..train.fit import fit_stage
 from .export import export_checkpoint
-from .report import write_report
+from .report import model_row, write_report
 from .session import eval_pool, ray_session
 
 
@@ -262,11 +262,10 @@ def summary(results: dict) -> str:
              f"  {'train s':>8} {'ex/s':>7}"
     lines += ["", header, "-" * len(header)]
     for name, info in results["models"].items():
-        scores = "  ".join(f"{info.get('test', {}).get(m, float('nan')):>14.4f}" for m in metrics)
-        train_s = "reused" if info.get("reused") else "given" if info.get("given") else f"{info.get('train_s', 0):.0f}"
-        eps = info.get("examples_per_s")
-        lines.append(f"{name:<10} {info.get('layers') or '?':>6} {info.get('params', 0) / 1e6:>7.1f}M  {scores}"
-                     f"  {train_s:>8} {'-' if eps is None else round(eps):>7}")
+        row = model_row(info, metrics)
+        scores = "  ".join(f"{v:>14.4f}" for v in row["scores"])
+        lines.append(f"{name:<10} {row['layers']:>6} {row['params_m']:>7.1f}M  {scores}"
+                     f"  {row['train_s']:>8} {row['examples_per_s']:>7}")
     lines += ["", f"wall time: {results.get('wall_s', 0):.0f} s",
               f"models: {Path(results['run_dir']) / 'models'}",
               f"report: {Path(results['run_dir']) / 'report.md'} (with report.png)",

@@ -110,6 +110,15 @@ def _smooth(values, weight: float = 0.9) -> list[float]:
     return out
 
 
+def model_row(info: dict, metrics: list[str]) -> dict:
+    """One model's cells of the scores table (the terminal summary and report.md format them)."""
+    train_s = "reused" if info.get("reused") else "given" if info.get("given") else f"{info.get('train_s', 0):.0f}"
+    eps = info.get("examples_per_s")
+    return {"layers": info.get("layers") or "?", "params_m": info.get("params", 0) / 1e6,
+            "scores": [info.get("test", {}).get(m, float("nan")) for m in metrics], "train_s": train_s,
+            "examples_per_s": "-" if eps is None else round(eps)}
+
+
 def markdown(run: dict) -> str:
     lines = [f"# sinkd run `{run['run_dir']}`", ""]
     if run["data"]:
@@ -123,11 +132,10 @@ def markdown(run: dict) -> str:
         lines += ["## Test scores", "", "| model | layers | params | " + " | ".join(f"test {m}" for m in metrics)
                   + " | train s | examples/s |", "|---" * (5 + len(metrics)) + "|"]
         for name, info in results["models"].items():
-            scores = " | ".join(f"{info.get('test', {}).get(m, float('nan')):.4f}" for m in metrics)
-            train_s = "reused" if info.get("reused") else "given" if info.get("given") else f"{info.get('train_s', 0):.0f}"
-            eps = info.get("examples_per_s")
-            lines.append(f"| {name} | {info.get('layers') or '?'} | {info.get('params', 0) / 1e6:.1f}M | {scores} | "
-                         f"{train_s} | {'-' if eps is None else round(eps)} |")
+            row = model_row(info, metrics)
+            scores = " | ".join(f"{v:.4f}" for v in row["scores"])
+            lines.append(f"| {name} | {row['layers']} | {row['params_m']:.1f}M | {scores} | "
+                         f"{row['train_s']} | {row['examples_per_s']} |")
         lines += [""] + [f"note: {n}" for n in results.get("notes", [])] + [""]
     else:
         lines += ["(no results.json yet: the run is in progress or was interrupted)", ""]

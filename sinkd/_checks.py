@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+import numbers
+from collections.abc import Iterable
 
 import torch
 
@@ -15,39 +16,74 @@ def check_choice(field: str, value: str, choices: Iterable[str]) -> str:
     return value
 
 
+def as_real(value):
+    """A Python int / float for a real scalar of any kind (Python, numpy, 0-d tensor or array), else None.
+    Booleans (Python, numpy or bool tensors) are not numbers here."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item") and "bool" not in str(getattr(value, "dtype", "")):
+        return as_real(value.item())
+    return None
+
+
+def _real_in(field: str, value, ok, requirement: str) -> float:
+    number = as_real(value)
+    if number is None or not math.isfinite(number) or not ok(number):
+        raise ValueError(f"{field} must be {requirement}, got {value!r}")
+    return float(number)
+
+
 def check_positive(field: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{field} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return _real_in(field, value, lambda x: x > 0, "a finite number > 0")
 
 
 def check_nonnegative(field: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{field} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return _real_in(field, value, lambda x: x >= 0, "a finite number >= 0")
 
 
 def check_int_at_least(field: str, value: int, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    number = as_real(value)
+    if not isinstance(number, int) or number < low:
         raise ValueError(f"{field} must be an integer >= {low}, got {value!r}")
-    return value
+    return number
 
 
 def check_open_unit(field: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ValueError(f"{field} must be in (0, 1), got {value!r}")
-    return float(value)
+    return _real_in(field, value, lambda x: 0 < x < 1, "in (0, 1)")
 
 
 def check_finite(field: str, tensor: torch.Tensor) -> None:
+    # The sum is finite when every entry is (no tensor-sized temporary); only a non-finite or
+    # overflowing sum pays for the element-wise look.
+    if bool(torch.isfinite(tensor.sum())):
+        return
     finite = torch.isfinite(tensor)
     if not bool(finite.all()):
         bad = (~finite).nonzero()[0].tolist()
         raise ValueError(f"{field} has non-finite values (first at index {tuple(bad)})")
 
 
+def check_logit_values(field: str, logits: torch.Tensor) -> None:
+    """Logits (..., V): finite or -inf (a masked token: probability 0); NaN and +inf refused, and a row
+    must keep at least one token (a row that is -inf everywhere has no distribution)."""
+    bad = torch.isnan(logits) | torch.isposinf(logits)
+    if bool(bad.any()):
+        where = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(f"{field} has non-finite values (first at index {where}): NaN or +inf (only -inf, a masked token, is allowed)")
+    if logits.shape[-1] == 0 or logits.numel() == 0:
+        return
+    dead = torch.isneginf(logits).all(-1)
+    if bool(dead.any()):
+        row = tuple(dead.nonzero()[0].tolist())
+        raise ValueError(f"{field} row {row} is -inf everywhere: no token has probability > 0")
+
+
 def check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
-    """Shapes agree (same rows, same vocabulary), at least (N, V), all values finite."""
+    """Shapes agree (same rows, same vocabulary), at least (N, V), values finite or -inf (masked tokens)."""
     for field, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{field} must be a torch.Tensor, got {type(t).__name__}")
@@ -64,8 +100,8 @@ def check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
         raise ValueError(
             f"shape mismatch: student_logits {tuple(student_logits.shape)} vs teacher_logits {tuple(teacher_logits.shape)}"
         )
-    check_finite("student_logits", student_logits)
-    check_finite("teacher_logits", teacher_logits)
+    check_logit_values("student_logits", student_logits)
+    check_logit_values("teacher_logits", teacher_logits)
 
 
 def check_mask(mask: torch.Tensor | None, row_shape: torch.Size) -> torch.Tensor | None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_choice, check_logits, check_nonnegative, check_open_unit, check_positive
+from ._checks import as_real, check_choice, check_logits, check_nonnegative, check_open_unit, check_positive
 from .divergences import DIVERGENCES, REDUCTIONS, divergence
 from .sinkhorn_loss import SinkhornConfig, _dataclass_from_dict, sinkhorn_loss
 from .topk import TopKDistribution, check_topk_teacher
@@ -30,11 +30,16 @@ class ObjectiveConfig:
     sinkhorn: SinkhornConfig = field(default_factory=SinkhornConfig)
 
     def __post_init__(self):
+        # Numbers of any real type (Python, numpy, 0-d tensors) are stored as Python floats / ints.
         for name in ("ce_weight", "alpha", "beta"):
-            check_nonnegative(name, getattr(self, name))
-        check_positive("temperature", self.temperature)
+            object.__setattr__(self, name, check_nonnegative(name, getattr(self, name)))
+        object.__setattr__(self, "temperature", check_positive("temperature", self.temperature))
         check_choice("divergence", self.divergence, DIVERGENCES)
-        check_open_unit("skew_alpha", self.skew_alpha)
+        object.__setattr__(self, "skew_alpha", check_open_unit("skew_alpha", self.skew_alpha))
+        index = as_real(self.ignore_index)
+        if not isinstance(index, int):
+            raise TypeError(f"ignore_index must be an integer, got {self.ignore_index!r}")
+        object.__setattr__(self, "ignore_index", index)
         check_choice("reduction", self.reduction, tuple(r for r in REDUCTIONS if r != "none"))
         if not isinstance(self.sinkhorn, SinkhornConfig):
             raise ValueError(f"sinkhorn must be a SinkhornConfig, got {type(self.sinkhorn).__name__}")

@@ -18,9 +18,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_choice, check_int_at_least, check_open_unit, check_positive
+from ._checks import (
+    check_choice,
+    check_finite,
+    check_int_at_least,
+    check_open_unit,
+    check_positive,
+)
+from .implicit import ImplicitTransport
 
-GRAD_MODES = ("unrolled", "envelope")
+GRAD_MODES = ("unrolled", "envelope", "implicit")
 DEFAULT_SLICE_ELEMENTS = 1 << 24  # problems up to 16M entries (64 MiB fp32) take the unsliced path
 
 
@@ -39,10 +46,10 @@ class SinkhornResult:
 
 def _log_marginal(weights: torch.Tensor | None, size: int, cost: torch.Tensor, field: str) -> torch.Tensor:
     if weights is None:
-        return torch.full((size,), -math.log(size), dtype=cost.dtype, device=cost.device)
+        return torch.full((size,), -math.log(max(size, 1)), dtype=cost.dtype, device=cost.device)
     weights = torch.as_tensor(weights, dtype=cost.dtype, device=cost.device)
-    if weights.shape[-1] != size:
-        raise ValueError(f"{field} has {weights.shape[-1]} entries but the cost has {size} along that side")
+    if weights.dim() == 0 or weights.shape[-1] != size:
+        raise ValueError(f"{field} has {weights.shape[-1] if weights.dim() else 0} entries but the cost has {size} along that side")
     if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
         raise ValueError(f"{field} must be finite and >= 0")
     return torch.log(weights)
@@ -96,7 +103,8 @@ def sinkhorn(
     a : Tensor, shape (n,) or (..., n), optional
         Row weights, finite and >= 0 (zeros allowed: that row gets potential -inf and no mass).
         Default uniform 1/n. Pass ``torch.ones(n)`` for the paper's plain normalisation. Their total
-        should equal that of ``b`` (a balanced problem); the solver does not renormalise them.
+        must be > 0 and equal that of ``b`` (a balanced problem; an error otherwise): the solver
+        does not renormalise them.
     b : Tensor, shape (m,) or (..., m), optional
         Column weights, as ``a``. Default uniform 1/m.
     max_iter : int, default 100
@@ -109,15 +117,26 @@ def sinkhorn(
         Epsilon annealing: iteration t uses max(eps, eps_start * eps_decay**t). None: eps throughout.
     eps_decay : float, default 0.5
         Annealing factor, in (0, 1); only used with ``eps_start``.
-    grad : {"unrolled", "envelope"}, default "unrolled"
-        "unrolled": autograd through every iteration (as the paper's code). "envelope": the
-        iterations run without autograd and the plan is held constant, so the gradient of both
-        ``result.cost`` and ``result.value`` with respect to ``cost`` is exactly P, which is the
-        gradient of the regularised value at convergence (envelope theorem); the entropy term
-        carries no gradient. Needs far less memory than "unrolled".
+    grad : {"unrolled", "envelope", "implicit"}, default "unrolled"
+        How ``cost`` and ``value`` are differentiated with respect to the cost matrix C:
+
+        - "unrolled": autograd through every iteration (as the paper's code): the exact gradient of
+          what the iterations computed, converged or not; keeps every iteration's n x m tensors.
+        - "implicit": iterations without autograd, then implicit differentiation at the plan's fixed
+          point: ``cost`` gets :math:`P + P \odot (x 1^\top + 1 y^\top - C)/\varepsilon` (x, y from one
+          small linear solve, see :func:`sinkd.implicit.transport_cost_grad`), the exact gradient
+          of :math:`\langle P^\star, C \rangle` for the plan's own marginals (equal to unrolled at
+          convergence); ``value`` gets P. O(n m) memory, no stored iterations.
+        - "envelope": iterations without autograd and the plan held constant: both ``cost`` and
+          ``value`` get P, which is the exact gradient of ``value`` at convergence (envelope theorem)
+          but not of ``cost`` (24-39% off on random costs): differentiate ``value`` in this mode.
+
+        In "implicit" and "envelope" ``plan``, ``f`` and ``g`` carry no gradient and the marginals may
+        not require one (an error: use "unrolled").
     log_a, log_b : Tensor, optional
-        log of the row / column weights, used instead of ``a`` / ``b`` when given (not checked;
-        -inf marks a zero weight). Useful when the weights are log-probabilities already.
+        log of the row / column weights, used instead of ``a`` / ``b`` when given (-inf marks a zero
+        weight; NaN, +inf, zero or unequal total masses are errors). Useful when the weights are
+        log-probabilities already.
     slice_elements : int, optional
         Memory budget of the solver, in tensor entries (>= 1; default 2**24 = 16M). When the cost
         has more entries than this (batch * n * m), each log-sum-exp is computed over slices of
@@ -137,7 +156,18 @@ def sinkhorn(
     ------
     ValueError
         One line naming the argument: eps, max_iter, grad, tol, eps_start, eps_decay, slice_elements
-        out of range; ``cost`` not at least 2-D; a / b of the wrong length, negative or non-finite.
+        out of range (numbers of any real type are accepted: Python, numpy, 0-d tensors); ``cost``
+        not a floating-point tensor of at least 2-D or with NaN / infinite entries; a / b of the
+        wrong length, negative or non-finite; log_a / log_b with NaN or +inf; a side with zero total
+        mass, or a and b of different total masses (relative gap above sqrt(machine eps)): the solver
+        is balanced, it does not renormalise.
+
+    Notes
+    -----
+    An empty problem (n = 0 or m = 0, or an empty batch) has nothing to transport: the result is a
+    zero plan of shape (..., n, m), zero cost and value (still attached to the graph) and n_iter 0.
+    float16 / bfloat16 costs are solved in float32 (results in float32, gradients back in the cost's
+    dtype).
 
     Examples
     --------
@@ -161,45 +191,86 @@ def sinkhorn(
            NeurIPS 2013. arXiv:1306.0895.
     """
     eps = check_positive("eps", eps)
-    check_int_at_least("max_iter", max_iter, 1)
+    max_iter = check_int_at_least("max_iter", max_iter, 1)
     check_choice("grad", grad, GRAD_MODES)
     if tol is not None:
-        check_positive("tol", tol)
+        tol = check_positive("tol", tol)
     if eps_start is not None:
-        check_positive("eps_start", eps_start)
-        check_open_unit("eps_decay", eps_decay)
+        eps_start = check_positive("eps_start", eps_start)
+        eps_decay = check_open_unit("eps_decay", eps_decay)
     if slice_elements is not None:
-        check_int_at_least("slice_elements", slice_elements, 1)
+        slice_elements = check_int_at_least("slice_elements", slice_elements, 1)
+    if not isinstance(cost, torch.Tensor) or not cost.is_floating_point():
+        raise ValueError(f"cost must be a floating-point tensor, got {getattr(cost, 'dtype', type(cost).__name__)}")
     if cost.dim() < 2:
         raise ValueError(f"cost must have shape (..., n, m), got {tuple(cost.shape)}")
+    if cost.dtype in (torch.float16, torch.bfloat16):  # solved in float32 (the gradient returns in the cost's dtype)
+        cost = cost.float()
     n, m = cost.shape[-2:]
+    log_a = _log_weights(log_a, "log_a", n, cost) if log_a is not None else _log_marginal(a, n, cost, "a")
+    log_b = _log_weights(log_b, "log_b", m, cost) if log_b is not None else _log_marginal(b, m, cost, "b")
+    if cost.numel() == 0:  # nothing to transport: zeros of the right shapes, still attached to the graph
+        zero = cost.sum((-2, -1)) * 0
+        f = cost.new_zeros(cost.shape[:-1])
+        g = cost.new_zeros(cost.shape[:-2] + cost.shape[-1:])
+        return SinkhornResult(cost * 0, zero, zero, f, g, 0, 0.0 if tol is not None else None)
+    check_finite("cost", cost)
+    _check_masses(log_a, log_b, "log_a" if a is None and log_a is not None else "a", "log_b" if b is None and log_b is not None else "b")
+    if grad != "unrolled":
+        for field, w in (("a", a), ("b", b), ("log_a", log_a), ("log_b", log_b)):
+            if isinstance(w, torch.Tensor) and w.requires_grad:
+                raise ValueError(f"{field} requires grad, but grad {grad!r} differentiates the cost only; use grad 'unrolled'")
     budget = slice_elements or DEFAULT_SLICE_ELEMENTS
     batch = cost[..., 0, 0].numel()
     sliced = batch * n * m > budget
-    log_a = log_a if log_a is not None else _log_marginal(a, n, cost, "a")
-    log_b = log_b if log_b is not None else _log_marginal(b, m, cost, "b")
-
     lse = _SlicedLSE(batch * n * m, budget) if sliced else _full_lse
-    if grad == "envelope" and sliced:
+    if grad in ("envelope", "implicit"):
         with torch.no_grad():
             f, g, n_iter, err = _iterate(cost.detach(), log_a.detach(), log_b.detach(), eps, max_iter, tol, eps_start, eps_decay, lse)
-            plan, entropy_term = _lean_plan(cost.detach(), f, g, log_a.detach(), log_b.detach(), eps)
+            if sliced:
+                plan, entropy_term = _lean_plan(cost.detach(), f, g, log_a.detach(), log_b.detach(), eps)
+            else:
+                log_plan = (f[..., :, None] + g[..., None, :] - cost.detach()) / eps
+                plan = log_plan.exp()
+                entropy_term = eps * _kl_to_product(plan, log_plan, log_a, log_b)
+        if grad == "implicit":
+            transport, value = ImplicitTransport.apply(cost, plan, entropy_term, eps)
+            return SinkhornResult(plan, transport, value, f, g, n_iter, err)
         transport = (plan * cost).sum((-2, -1))
         return SinkhornResult(plan, transport, transport + entropy_term, f, g, n_iter, err)
-    if grad == "envelope":
-        with torch.no_grad():
-            f, g, n_iter, err = _iterate(cost.detach(), log_a.detach(), log_b.detach(), eps, max_iter, tol, eps_start, eps_decay, lse)
-            log_plan = (f[..., :, None] + g[..., None, :] - cost.detach()) / eps
-            plan = log_plan.exp()
-        transport = (plan * cost).sum((-2, -1))
-        entropy_term = (eps * _kl_to_product(plan, log_plan, log_a, log_b)).detach()
-    else:
-        f, g, n_iter, err = _iterate(cost, log_a, log_b, eps, max_iter, tol, eps_start, eps_decay, lse)
-        log_plan = (f[..., :, None] + g[..., None, :] - cost) / eps
-        plan = log_plan.exp()
-        transport = (plan * cost).sum((-2, -1))
-        entropy_term = eps * _kl_to_product(plan, log_plan, log_a, log_b)
+    f, g, n_iter, err = _iterate(cost, log_a, log_b, eps, max_iter, tol, eps_start, eps_decay, lse)
+    log_plan = (f[..., :, None] + g[..., None, :] - cost) / eps
+    plan = log_plan.exp()
+    transport = (plan * cost).sum((-2, -1))
+    entropy_term = eps * _kl_to_product(plan, log_plan, log_a, log_b)
     return SinkhornResult(plan, transport, transport + entropy_term, f, g, n_iter, err)
+
+
+def _log_weights(log_w, field: str, size: int, cost: torch.Tensor) -> torch.Tensor:
+    """Given log-weights: the right length, no NaN and no +inf (-inf marks a zero weight)."""
+    log_w = torch.as_tensor(log_w, dtype=cost.dtype, device=cost.device)
+    if log_w.dim() == 0 or log_w.shape[-1] != size:
+        raise ValueError(f"{field} has {log_w.shape[-1] if log_w.dim() else 0} entries but the cost has {size} along that side")
+    if bool((torch.isnan(log_w) | torch.isposinf(log_w)).any()):
+        raise ValueError(f"{field} must not contain NaN or +inf (-inf marks a zero weight)")
+    return log_w
+
+
+def _check_masses(log_a: torch.Tensor, log_b: torch.Tensor, name_a: str, name_b: str) -> None:
+    """Each problem's marginals carry mass, the same on both sides (relative tolerance sqrt(machine eps))."""
+    mass_a = torch.logsumexp(log_a.double(), -1).exp()
+    mass_b = torch.logsumexp(log_b.double(), -1).exp()
+    for name, mass in ((name_a, mass_a), (name_b, mass_b)):
+        if bool((mass == 0).any()):
+            raise ValueError(f"{name} has zero total mass: nothing to transport")
+        if not bool(torch.isfinite(mass).all()):
+            raise ValueError(f"{name} has an infinite total mass")
+    mass_a, mass_b = torch.broadcast_tensors(mass_a, mass_b)
+    gap = (mass_a - mass_b).abs() / torch.maximum(mass_a, mass_b)
+    if bool((gap > math.sqrt(torch.finfo(log_a.dtype).eps)).any()):
+        k = int(gap.reshape(-1).argmax())
+        raise ValueError(f"{name_a} and {name_b} must have the same total mass (balanced OT; rescale one of them), "
+                         f"got {float(mass_a.reshape(-1)[k]):.6g} and {float(mass_b.reshape(-1)[k]):.6g}")
 
 
 def _kl_to_product(plan, log_plan, log_a, log_b):

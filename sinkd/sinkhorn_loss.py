@@ -41,8 +41,13 @@ class SinkhornConfig:
 
     - ``eps`` (> 0, default 0.1), ``max_iter`` (>= 1, default 20), ``tol`` (> 0 or None),
       ``eps_start`` (> 0 or None), ``eps_decay`` (in (0, 1), default 0.5), ``grad``
-      ("unrolled" / "envelope"), ``slice_elements`` (>= 1 or None: the solver's default 2**24):
-      passed unchanged to :func:`sinkd.sinkhorn` for every plan, batch and sample mode alike.
+      ("unrolled" / "implicit" / "envelope"), ``slice_elements`` (>= 1 or None: the solver's default
+      2**24): passed unchanged to :func:`sinkd.sinkhorn` for every plan, batch and sample mode alike.
+      The loss is always the quantity its gradient belongs to: <P, C> under "unrolled" (autograd
+      through the iterations) and "implicit" (exact gradient at the plan's fixed point, O(N^2)
+      memory: the large-N choice), the regularised value <P, C> + eps KL(P || a b^T) under
+      "envelope" (gradient P, exact for that value at convergence). Sample mode: "unrolled" only.
+      Numbers of any real type (Python, numpy, 0-d tensors) are accepted and stored as Python ones.
     - ``temperature`` (> 0, default 1): both sides' softmax temperature T (a top-k teacher is
       re-tempered, see :mod:`sinkd.topk`). No T^2 factor is applied to the Sinkhorn term.
     - ``cost`` ("l1", "l2", "sqeuclidean", "cosine"): the ground cost between rows (batch mode).
@@ -89,31 +94,35 @@ class SinkhornConfig:
     topk: int | None = None  # sparse vocabulary: compare each pair on its top-k tokens plus a rest bucket
 
     def __post_init__(self):
-        check_positive("eps", self.eps)
-        check_int_at_least("max_iter", self.max_iter, 1)
+        # Numbers of any real type (Python, numpy, 0-d tensors) are checked and stored as Python floats / ints.
+        self._set("eps", check_positive("eps", self.eps))
+        self._set("max_iter", check_int_at_least("max_iter", self.max_iter, 1))
         if self.tol is not None:
-            check_positive("tol", self.tol)
+            self._set("tol", check_positive("tol", self.tol))
         check_choice("cost", self.cost, COSTS)
         check_choice("l1_impl", self.l1_impl, L1_IMPLS)
-        check_positive("temperature", self.temperature)
+        self._set("temperature", check_positive("temperature", self.temperature))
         check_choice("normalization", self.normalization, NORMALIZATIONS)
         check_choice("grad", self.grad, GRAD_MODES)
         check_choice("mode", self.mode, MODES)
         if self.group_size is not None:
-            check_int_at_least("group_size", self.group_size, 1)
+            self._set("group_size", check_int_at_least("group_size", self.group_size, 1))
         if self.eps_start is not None:
-            check_positive("eps_start", self.eps_start)
-        check_open_unit("eps_decay", self.eps_decay)
-        if self.mode == "sample" and self.grad == "envelope":
-            raise ValueError("grad: 'envelope' needs a cost that depends on the logits; mode 'sample' supports 'unrolled' only")
+            self._set("eps_start", check_positive("eps_start", self.eps_start))
+        self._set("eps_decay", check_open_unit("eps_decay", self.eps_decay))
+        if self.mode == "sample" and self.grad != "unrolled":
+            raise ValueError(f"grad: {self.grad!r} needs a cost that depends on the logits; mode 'sample' supports 'unrolled' only")
         if self.l1_tile_elements is not None:
-            check_int_at_least("l1_tile_elements", self.l1_tile_elements, 1)
+            self._set("l1_tile_elements", check_int_at_least("l1_tile_elements", self.l1_tile_elements, 1))
         if self.slice_elements is not None:
-            check_int_at_least("slice_elements", self.slice_elements, 1)
+            self._set("slice_elements", check_int_at_least("slice_elements", self.slice_elements, 1))
         if self.topk is not None:
-            check_int_at_least("topk", self.topk, 1)
+            self._set("topk", check_int_at_least("topk", self.topk, 1))
             if self.cost != "l1" or self.mode != "batch":
                 raise ValueError("topk: the sparse vocabulary works with cost 'l1' in mode 'batch' only")
+
+    def _set(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)  # frozen dataclass: only __post_init__ normalises its own fields
 
     @classmethod
     def paper(cls, **overrides) -> "SinkhornConfig":
@@ -169,7 +178,8 @@ def sinkhorn_loss(
 
         \mathcal{L} = \langle P, C \rangle = \sum_{ij} P_{ij} C_{ij}
 
-    (the entropy term is not added). ``normalization="uniform"``: a = b = 1/N, so L is the mean
+    (the entropy term is not added; with ``grad="envelope"`` it is, see below).
+    ``normalization="uniform"``: a = b = 1/N, so L is the mean
     cost per row; ``"plain"``: a = b = 1, the reference implementation's scaling (N times larger at
     convergence). ``group_size=G`` solves one G x G plan per block of G consecutive rows (the last
     block may be shorter) and adds them, each weighted by its share of rows (G/N) under "uniform",
@@ -201,7 +211,12 @@ def sinkhorn_loss(
     Returns
     -------
     Tensor, shape ()
-        The loss, in the dtype of the probabilities (fp32 on the fused Triton L1 path).
+        The loss: :math:`\langle P, C \rangle` summed as above under ``grad`` "unrolled" or
+        "implicit"; under "envelope" the regularised value
+        :math:`\langle P, C \rangle + \varepsilon\, \mathrm{KL}(P \,\|\, a b^\top)`, the quantity whose
+        gradient that mode computes (see :func:`sinkd.sinkhorn`). float32 for float16 / bfloat16
+        logits (softmax, cost and solver run in float32), else the logits' dtype (fp32 on the fused
+        Triton L1 path).
 
     Raises
     ------
@@ -313,7 +328,8 @@ def _block_loss(xs: torch.Tensor, xt, config: SinkhornConfig, from_logits: bool 
     if config.normalization == "plain":
         ones = torch.ones(cost.shape[-1], dtype=cost.dtype, device=cost.device)
     result = sinkhorn(cost, config.eps, a=ones, b=ones, **config._solver_options())
-    return result.cost.sum()
+    # The reported loss is what the grad mode differentiates: the regularised value under "envelope".
+    return (result.value if config.grad == "envelope" else result.cost).sum()
 
 
 def _sample_wise(zs: torch.Tensor, zt: torch.Tensor, config: SinkhornConfig) -> torch.Tensor:

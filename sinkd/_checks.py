@@ -56,6 +56,15 @@ def check_open_unit(field: str, value: float) -> float:
     return _real_in(field, value, lambda x: 0 < x < 1, "in (0, 1)")
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 tensors as float32 (softmaxes, costs and the solver run in float32 at least,
+    and CPU kernels such as cdist lack the half types); other dtypes unchanged. Differentiable."""
+    return tensor.float() if tensor.dtype in HALF_DTYPES else tensor
+
+
 def check_finite(field: str, tensor: torch.Tensor) -> None:
     # The sum is finite when every entry is (no tensor-sized temporary); only a non-finite or
     # overflowing sum pays for the element-wise look.

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from . import kernels
 from .kernels.matmul import split_matmul
-from ._checks import check_choice, check_int_at_least
+from ._checks import at_least_float32, check_choice, check_int_at_least
 
 COSTS = ("l1", "l2", "sqeuclidean", "cosine")
 L1_IMPLS = ("auto", "chunked", "dense", "triton")
@@ -126,11 +126,14 @@ def l1_cost(x: torch.Tensor, y: torch.Tensor, *, impl: str = "auto", tile_elemen
     (cdist forward, tiled PyTorch backward, O(N*V + N^2) memory), "dense" (autograd through
     cdist), "auto": see `l1_backend`. tile_elements: the chunked backward's budget, in entries of
     one (rows, m, vocab) tile of signs (>= 1; default 2**18 on CPU, 2**26 on CUDA); only the
-    "chunked" backend has tiles, the others ignore it.
+    "chunked" backend has tiles, the others ignore it. float16 / bfloat16 inputs give an fp32 cost on
+    every backend (dense and chunked compute in fp32; gradients return in the inputs' dtype).
     """
     backend = l1_backend(x, impl)
     if tile_elements is not None:
         check_int_at_least("tile_elements", tile_elements, 1)
+    if backend != "triton":  # cdist has no half types on CPU: fp32 cost, as the Triton path gives
+        x, y = at_least_float32(x), at_least_float32(y)
     if backend == "dense":
         return torch.cdist(x, y, p=1)
     lead = x.shape[:-2]

@@ -14,7 +14,14 @@ import math
 
 import torch
 
-from ._checks import check_choice, check_logits, check_mask, check_open_unit, check_positive
+from ._checks import (
+    at_least_float32,
+    check_choice,
+    check_logits,
+    check_mask,
+    check_open_unit,
+    check_positive,
+)
 from .topk import TopKDistribution, check_topk_teacher, teacher_student_log_probs
 
 DIVERGENCES = ("kl", "rkl", "js", "tvd", "skew_kl", "skew_rkl")
@@ -22,13 +29,20 @@ REDUCTIONS = ("sum", "mean", "batchmean", "none")
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per row; p = exp(log_p) underflowing to 0 gives 0, never nan."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    """KL(p || q) per row with 0 log(0 / q) = 0: p = 0 (-inf logits, underflow) gives 0, never nan, in
+    the value and the gradient; p > 0 where q = 0 gives +inf (the usual convention)."""
+    p = log_p.exp()
+    # where() before the product: the masked difference (nan for -inf - -inf) never meets a gradient.
+    return (p * torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))).sum(-1)
 
 
 def _log_mix(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Tensor:
-    """log(weight_p * p + (1 - weight_p) * q), stably."""
-    return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
+    """log(weight_p * p + (1 - weight_p) * q), stably; -inf where both are 0, with a zero (not nan) gradient."""
+    both = torch.isneginf(log_p) & torch.isneginf(log_q)
+    safe_p = torch.where(both, torch.zeros_like(log_p), log_p)
+    safe_q = torch.where(both, torch.zeros_like(log_q), log_q)
+    mix = torch.logaddexp(safe_p + math.log(weight_p), safe_q + math.log1p(-weight_p))
+    return torch.where(both, torch.full_like(mix, -math.inf), mix)
 
 
 def rowwise_divergence(log_ps: torch.Tensor, log_pt: torch.Tensor, name: str, skew_alpha: float = 0.1) -> torch.Tensor:
@@ -118,7 +132,16 @@ def divergence(
     -------
     Tensor
         Shape () for "sum" / "batchmean" / "mean", the row shape for "none". With no row kept,
-        "batchmean" and "mean" return 0.
+        "batchmean" and "mean" return 0. float32 for float16 / bfloat16 logits (computed in float32),
+        else the logits' dtype.
+
+    Notes
+    -----
+    Masked vocabularies: a logit of -inf is a token of probability 0 (NaN and +inf are errors, and
+    so is a row that is -inf everywhere). The usual conventions hold: :math:`0 \log(0/q) = 0`, so a
+    token with zero probability on the first argument of a KL contributes 0 (value and gradient);
+    one with positive probability there and zero on the second makes the KL +inf. JS, TVD and the
+    skewed divergences stay finite (their mixtures are positive wherever either side is).
 
     Raises
     ------
@@ -158,11 +181,12 @@ def divergence(
     topk_teacher = isinstance(teacher_logits, TopKDistribution)
     (check_topk_teacher if topk_teacher else check_logits)(student_logits, teacher_logits)
     flat_mask = check_mask(mask, student_logits.shape[:-1])
+    student_logits = at_least_float32(student_logits)
     if topk_teacher:
         log_ps, log_pt = teacher_student_log_probs(student_logits, teacher_logits, temperature)
     else:
         log_ps = torch.log_softmax(student_logits / temperature, dim=-1)
-        log_pt = torch.log_softmax(teacher_logits / temperature, dim=-1)
+        log_pt = torch.log_softmax(at_least_float32(teacher_logits) / temperature, dim=-1)
     per_row = rowwise_divergence(log_ps, log_pt, name, skew_alpha)
     if name == "kl":
         per_row = per_row * temperature**2

@@ -47,7 +47,7 @@ class ObjectiveConfig:
     @classmethod
     def paper(cls, alpha: float = 1.0, beta: float = 1.0, **overrides) -> "ObjectiveConfig":
         """SinKD's setting: KD and Sinkhorn at T=2, Sinkhorn eps=0.1, 20 iterations, L1, plain."""
-        return cls(alpha=alpha, beta=beta, temperature=2.0, sinkhorn=SinkhornConfig.paper(), **overrides)
+        return cls(**{"alpha": alpha, "beta": beta, "temperature": 2.0, "sinkhorn": SinkhornConfig.paper(), **overrides})
 
     @classmethod
     def from_dict(cls, values: Mapping | None) -> "ObjectiveConfig":

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import (
+    at_least_float32,
     check_choice,
     check_int_at_least,
     check_logits,
@@ -192,6 +193,10 @@ def sinkhorn_loss(
     ----------
     student_logits : Tensor, shape (N, V) or (B, L, V), floating point
         Student logits; rows are samples (classification) or tokens. Gradients flow into them.
+        -inf marks a masked token (probability 0, e.g. the padding entries of a vocabulary head
+        wider than its tokenizer), on either side and in every path; NaN and +inf are errors, and
+        so is a row that is -inf everywhere. float16 / bfloat16 logits are computed in float32
+        (the fused Triton path reads them as they are).
     teacher_logits : Tensor of the same shape, or TopKDistribution
         Teacher logits (not detached here: pass detached logits for a frozen teacher, as
         :class:`sinkd.DistillationObjective` does). Or a :class:`sinkd.TopKDistribution` with fields
@@ -265,7 +270,7 @@ def sinkhorn_loss(
     if topk_teacher:
         teacher = select_rows(teacher_logits, flat_mask)
         zs = zs[flat_mask] if flat_mask is not None else zs
-        ps = torch.softmax(zs / config.temperature, dim=-1)
+        ps = torch.softmax(at_least_float32(zs) / config.temperature, dim=-1)
         teacher = tempered_distribution(teacher, config.temperature, vocab, ps.dtype)
         if config.topk is not None:
             teacher = truncate(teacher, config.topk)
@@ -274,11 +279,11 @@ def sinkhorn_loss(
     if flat_mask is not None:
         zs, zt = zs[flat_mask], zt[flat_mask]
     if config.mode == "sample":
-        return _sample_wise(zs, zt, config)
+        return _sample_wise(at_least_float32(zs), at_least_float32(zt), config)
     if config.cost == "l1" and config.topk is None and l1_backend(zs, config.l1_impl) == "triton":
-        return _batch_wise(zs, zt, config, from_logits=True)
-    ps = torch.softmax(zs / config.temperature, dim=-1)
-    pt = torch.softmax(zt / config.temperature, dim=-1)
+        return _batch_wise(zs, zt, config, from_logits=True)  # the kernels read half logits, compute in fp32
+    ps = torch.softmax(at_least_float32(zs) / config.temperature, dim=-1)
+    pt = torch.softmax(at_least_float32(zt) / config.temperature, dim=-1)
     return _batch_wise(ps, pt, config)
 
 

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ._checks import check_int_at_least
+from ._checks import check_int_at_least, check_logit_values
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # gathered (rows, M, k) entries per chunk
 LOG_FLOOR = -1e4  # stands for log(0): exp() of it is exactly 0, and it keeps 0 * (a - b) free of nan
@@ -95,7 +95,8 @@ class TopKDistribution(NamedTuple):
         ----------
         logits : Tensor, shape (..., V), floating point
             Teacher logits. Detached (no gradient flows into the result); fp16/bf16 inputs are
-            computed in float32, float32/float64 in their own dtype.
+            computed in float32, float32/float64 in their own dtype. -inf marks a masked token
+            (probability 0); NaN, +inf and rows that are -inf everywhere are errors.
         k : int
             Tokens to keep per row, >= 1; values above V keep all V tokens.
 
@@ -108,7 +109,8 @@ class TopKDistribution(NamedTuple):
         Raises
         ------
         ValueError
-            ``topk must be an integer >= 1, got ...`` when k is not an int >= 1 (bools are refused).
+            ``topk must be an integer >= 1, got ...`` when k is not an int >= 1 (bools are refused);
+            ``logits has non-finite values ...`` / ``logits row (i,) is -inf everywhere ...``.
 
         Examples
         --------
@@ -121,7 +123,8 @@ class TopKDistribution(NamedTuple):
         >>> bool(torch.allclose(top.probs.sum(-1) + top.rest, torch.ones(1)))
         True
         """
-        check_int_at_least("topk", k, 1)
+        k = check_int_at_least("topk", k, 1)
+        check_logit_values("logits", logits)
         logits = logits.detach()
         logp = torch.log_softmax(logits if logits.dtype in (torch.float32, torch.float64) else logits.float(), dim=-1)
         k = min(k, logp.shape[-1])
@@ -190,8 +193,7 @@ def check_topk_teacher(student_logits: torch.Tensor, teacher: TopKDistribution) 
     for name, t in (("probs", probs), ("rest", rest)):
         if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
             raise ValueError(f"teacher (top-k): {name} must be finite and >= 0")
-    if torch.isfinite(student_logits).all().logical_not():
-        raise ValueError("student_logits has non-finite values")
+    check_logit_values("student_logits", student_logits)
 
 
 def _log(x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_positive
 from . import l1
 
 ROW_BLOCK_ELEMENTS = 1 << 24  # entries of one (rows, V) temporary in the row-block loops (64 MiB fp32)
@@ -69,8 +70,7 @@ class SoftmaxL1(torch.autograd.Function):
 
 def softmax_l1_cost(zs: torch.Tensor, zt: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Pairwise L1 cost (..., n, m) between the tempered softmaxes of logits zs (..., n, V) and zt (..., m, V)."""
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    temperature = check_positive("temperature", temperature)
     if zs.shape[-1] != zt.shape[-1] or zs.shape[:-2] != zt.shape[:-2]:
         raise ValueError(f"softmax_l1_cost: zs {tuple(zs.shape)} and zt {tuple(zt.shape)} must share batch and vocabulary sizes")
     lead = zs.shape[:-2]

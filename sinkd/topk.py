@@ -25,7 +25,11 @@ bucket:
 
 With A = sum_{K_t(j)} |p_s - p_t|, B = sum_{K_t(j)} p_s, D = sum_{K_t(j) ∩ K_s(i)} p_s and
 S = sum_{K_s(i)} p_s this is A + (S - D) + |1 - (B + S - D) - rest_t|: gathers of the student's
-rows at the teacher's ids, O(N * M * k) work, exact when k = V.
+rows at the teacher's ids, O(N * M * k) work, exact when k = V. That is ``tail="bucket"``: every
+token outside the union gets the bucket's one sign in the gradient. ``tail="lognormal"``
+(:mod:`sinkd.topk_tail`) instead spreads the teacher's rest around the student's own tail by a
+lognormal factor measured on the head: each tail token gets the expected sign of p_s - p_t, and
+the gradient follows the full vocabulary's (same O(N * M * k) gathers, exact when k = V).
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from typing import NamedTuple
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ._checks import check_int_at_least, check_logit_values
+from ._checks import check_choice, check_int_at_least, check_logit_values
+from .topk_tail import lognormal_chunk_cost
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # gathered (rows, M, k) entries per chunk
 LOG_FLOOR = -1e4  # stands for log(0): exp() of it is exactly 0, and it keeps 0 * (a - b) free of nan
@@ -271,27 +276,90 @@ def _chunk_cost(ps, s_member, s_mass, t_probs, t_ids, t_rest):
     return a + outside + (1 - (b + outside) - t_rest).abs()
 
 
-def topk_l1_cost(ps: torch.Tensor, teacher: TopKDistribution, k: int, *, chunk_elements: int | None = None) -> torch.Tensor:
-    """Sparse L1 cost (N, M) between dense student probabilities ps (N, V) and a top-k teacher
-    (fields (M, k_t) / (M,)), by the formula of the module docstring.
+TOPK_TAILS = ("bucket", "lognormal")
 
-    k: the student's top-k. chunk_elements: gathered (rows, M, k_t) entries per chunk of student
-    rows (default 4M); chunks are recomputed in backward (checkpointing), so memory is
-    O(N*V + N*M) plus one chunk, never N*M*k at once.
+
+def topk_l1_cost(ps: torch.Tensor, teacher: TopKDistribution, k: int | None = None, *, tail: str = "bucket",
+                 chunk_elements: int | None = None) -> torch.Tensor:
+    r"""Sparse L1 cost (N, M) between dense student probabilities and a top-k teacher.
+
+    With :math:`K_j` the teacher's ids, :math:`t_j` its probabilities there and :math:`R_j` its rest
+    mass, and :math:`S_{ij} = 1 - \sum_{v \in K_j} p_{iv}` the student's mass outside them:
+
+    .. math::
+
+        C_{ij} = \sum_{v \in K_j} |p_{iv} - t_{jv}| + \mathrm{tail}_{ij}
+
+    - ``tail="bucket"`` (default): the union of both top-k supports, with all other mass in one
+      rest bucket per side (the module docstring's formula, O(N M k) gathers): every token outside
+      the union gets the bucket's single sign in the gradient.
+    - ``tail="lognormal"``: the teacher's tail spread around the student's own tail by a lognormal
+      factor whose spread :math:`\sigma_{ij}` is measured on the head,
+      :math:`\mathrm{tail}_{ij} = R_j (2\Phi(d_1) - 1) + S_{ij} (1 - 2\Phi(d_2))`,
+      :math:`d_{1,2} = \log(R_j / S_{ij}) / \sigma_{ij} \pm \sigma_{ij} / 2` (see
+      :mod:`sinkd.topk_tail`): each tail token's gradient is the expected sign of
+      :math:`p_{iv} - t_{jv}`; the student's top-k is not used. Far closer to the full-vocabulary
+      gradient (benchmarks/RESULTS.md, issue 13); :math:`\sigma` is held constant in the backward.
+
+    Both are the exact L1 cost when the teacher keeps every token (k = V).
+
+    Parameters
+    ----------
+    ps : Tensor, shape (N, V)
+        Student probabilities (rows summing to 1); gradients flow into them.
+    teacher : TopKDistribution
+        Fields (M, k_t) / (M,): probabilities, ids, rest mass (at the temperature of ``ps``).
+    k : int, optional
+        The student's top-k (>= 1), required by ``tail="bucket"``; unused by "lognormal".
+    tail : {"bucket", "lognormal"}, default "bucket"
+        The model of the teacher's unknown tail (above).
+    chunk_elements : int, optional
+        Gathered (rows, M, k_t) entries per chunk of student rows (default 4M); chunks are
+        recomputed in backward (checkpointing), so memory is O(N V + N M) plus one chunk, never
+        N M k at once.
+
+    Returns
+    -------
+    Tensor, shape (N, M)
+
+    Raises
+    ------
+    ValueError
+        ``topk must be an integer >= 1`` (bucket without k), ``tail: unknown value ...``,
+        ``chunk_elements must be an integer >= 1``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sinkd import TopKDistribution, topk_l1_cost
+    >>> ps = torch.softmax(torch.randn(3, 10, dtype=torch.float64), -1)
+    >>> pt = torch.softmax(torch.randn(2, 10, dtype=torch.float64), -1)
+    >>> full = torch.cdist(ps, pt, p=1)
+    >>> bool(torch.allclose(topk_l1_cost(ps, TopKDistribution.from_probs(pt, 10), tail="lognormal"), full))
+    True
+    >>> topk_l1_cost(ps, TopKDistribution.from_probs(pt, 4), tail="lognormal").shape
+    torch.Size([3, 2])
     """
-    check_int_at_least("topk", k, 1)
+    check_choice("tail", tail, TOPK_TAILS)
+    if tail == "bucket" or k is not None:
+        k = check_int_at_least("topk", k, 1)
     budget = check_int_at_least("chunk_elements", chunk_elements, 1) if chunk_elements is not None else DEFAULT_CHUNK_ELEMENTS
     n, vocab = ps.shape
     m, kt = teacher.ids.shape
-    s_ids = ps.detach().topk(min(k, vocab), dim=-1).indices
-    s_member = torch.zeros(n, vocab, dtype=ps.dtype, device=ps.device).scatter_(1, s_ids, 1.0)
-    s_mass = ps.gather(1, s_ids).sum(-1)
     rows = max(1, min(n, budget // max(m * kt, 1)))
+    if tail == "lognormal":
+        chunk_fn = lognormal_chunk_cost
+        row_args = (ps,)
+    else:
+        s_ids = ps.detach().topk(min(k, vocab), dim=-1).indices
+        s_member = torch.zeros(n, vocab, dtype=ps.dtype, device=ps.device).scatter_(1, s_ids, 1.0)
+        chunk_fn = _chunk_cost
+        row_args = (ps, s_member, ps.gather(1, s_ids).sum(-1))
     parts = []
     for i0 in range(0, n, rows):
-        args = (ps[i0 : i0 + rows], s_member[i0 : i0 + rows], s_mass[i0 : i0 + rows], teacher.probs, teacher.ids, teacher.rest)
-        if torch.is_grad_enabled() and (ps.requires_grad or teacher.probs.requires_grad):
-            parts.append(checkpoint(_chunk_cost, *args, use_reentrant=False))
+        args = (*(t[i0 : i0 + rows] for t in row_args), teacher.probs, teacher.ids, teacher.rest)
+        if torch.is_grad_enabled() and (ps.requires_grad or teacher.probs.requires_grad or teacher.rest.requires_grad):
+            parts.append(checkpoint(chunk_fn, *args, use_reentrant=False))
         else:
-            parts.append(_chunk_cost(*args))
+            parts.append(chunk_fn(*args))
     return torch.cat(parts, 0)

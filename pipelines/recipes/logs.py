@@ -31,9 +31,7 @@ def configure(verbose: bool = False, use_gpu: bool = False) -> None:
         return
     import ray  # noqa: F401  (installs Ray's console handler on the "ray" logger)
 
-    for handler in logging.getLogger("ray").handlers:  # the console: warnings and errors only
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.WARNING)
+    _console_at_warning(logging.getLogger("ray"))  # the console: warnings and errors only
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # Ray announces that a new local cluster got token authentication, its default (RAY_AUTH_MODE
     # unset); setting the variable ourselves would have to happen before Ray reads it at import.
@@ -64,6 +62,14 @@ def quiet_ray_data() -> None:
     ctx = DataContext.get_current()
     ctx.print_on_execution_start = _state["verbose"]
     ctx.enable_progress_bars = False
+    if not _state["verbose"]:  # Ray Data logs to its own console handler ("execution finished in 10 s")
+        _console_at_warning(logging.getLogger("ray.data"))
+
+
+def _console_at_warning(logger: logging.Logger) -> None:
+    for handler in logger.handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
 
 
 def to_run_dir(run_dir: str | Path, local_ray: bool) -> Path:

@@ -103,6 +103,13 @@ def epoch_batches(shard, batch_size: int, collate, seed: int, epoch: int, shuffl
                                     local_shuffle_seed=seed * 1000 + epoch if shuffle_buffer else None)
 
 
+# Ray Data actor options of the evaluation pools: no actor restarts. A restartable actor whose
+# constructor arguments sit in the object store makes Ray log an error line on every healthy run
+# (ray-project/ray#57733); a lost evaluation actor instead fails the evaluation, and a rerun of the
+# same command redoes just that (finished stages and stored scores are reused).
+EVAL_ACTOR_OPTIONS = {"max_restarts": 0}
+
+
 def to_frame(ds):
     """A dataset's rows as one pandas frame, joined as Arrow (Ray Data's own to_pandas goes through a
     pandas call deprecated in pandas 3 once there are several blocks)."""
@@ -126,6 +133,15 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, use_fast=True)
+
+
+@lru_cache(maxsize=16)
+def tokenizer_identity(path: str) -> str:
+    """A digest of what a tokenizer does (vocabulary, normaliser, pre-tokeniser, post-processor):
+    equal digests tokenise every text the same, whatever directory they were saved in."""
+    import hashlib
+
+    return hashlib.sha256(load_tokenizer(path).backend_tokenizer.to_str().encode()).hexdigest()[:16]
 
 
 def check_same_tokenizer(teacher: Path, student: Path, teacher_gguf: str | None = None,

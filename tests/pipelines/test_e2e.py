@@ -49,7 +49,7 @@ def test_exactly_once_per_epoch_across_workers(ray_session, sst2_small, tiny_ber
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.tasks.classification.data import PadCollate, load_task, to_ray
+    from pipelines.tasks.classification.data import PadCollate, load_task, tokenize_table, to_ray
     from pipelines.tasks.common import PAD_ID, epoch_batches
     from pipelines.train.fit import ingest_config
 
@@ -66,7 +66,7 @@ def test_exactly_once_per_epoch_across_workers(ray_session, sst2_small, tiny_ber
             seen.append(ids)
         (tmp_path / f"ids_{rank}.json").write_text(json.dumps(seen))
 
-    TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=2), datasets={"train": to_ray(table, 2, str(tiny_bert), 32)},
+    TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=2), datasets={"train": to_ray(tokenize_table(table, str(tiny_bert), 32), 2)},
                  dataset_config=ingest_config()).fit()
     per_rank = [json.loads((tmp_path / f"ids_{r}.json").read_text()) for r in range(2)]
     expected = sorted(table["id"].to_pylist())
@@ -117,10 +117,10 @@ def test_evaluation_actors_split_the_rows_and_agree_with_one_actor(zero2):
     raw, results = zero2
     cfg = checked_config(copy.deepcopy(raw))
     assert eval_pool(cfg) == {"cpus": 1.0, "actors": 2}
-    table = load_task(cfg).splits["test"]
     model = results["models"]["sinkd"]["path"]
-    one = predict(model, table, cfg.data.max_length, 8, cpus=1.0, actors=1)
-    two = predict(model, table, cfg.data.max_length, 8, **eval_pool(cfg))
+    table = load_task(cfg).tokenized("test", model, cfg.data.max_length)
+    one = predict(model, table, 8, cpus=1.0, actors=1)
+    two = predict(model, table, 8, **eval_pool(cfg))
     assert two["id"].tolist() == sorted(table.column("id").to_pylist())
     assert two["pred"].tolist() == one["pred"].tolist()
 

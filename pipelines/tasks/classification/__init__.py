@@ -65,7 +65,7 @@ class ClassificationTask:
                          batches, steps, tok.pad_token_id if tok.pad_token_id is not None else 0, id_sums)
 
     def ray_datasets(self, cfg: Config, prepared: Prepared, stage: Stage) -> dict:
-        return {split: to_ray(prepared.data.splits[split], cfg.scaling.num_workers, stage.model_path, cfg.data.max_length)
+        return {split: to_ray(prepared.data.tokenized(split, stage.model_path, cfg.data.max_length), cfg.scaling.num_workers)
                 for split in ("train", "validation")}
 
     def build_student(self, cfg: Config, stage: Stage, meta: StageMeta):
@@ -115,7 +115,7 @@ class ClassificationTask:
 
     def evaluate(self, model_dir: str, cfg: Config, prepared: Prepared, split: str,
                  cpus: float = 1.0, actors: int = 1) -> dict:
-        return evaluate_model(model_dir, prepared.data.splits[split], prepared.metrics, cfg.data.max_length,
+        return evaluate_model(model_dir, prepared.data.tokenized(split, model_dir, cfg.data.max_length), prepared.metrics,
                               cfg.train.eval_batch_size, cpus, actors)
 
     def model_class(self, kind: str) -> type:

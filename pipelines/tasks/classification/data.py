@@ -3,11 +3,13 @@
 - `load_task` reads a split set with Hugging Face datasets (hub name/config, `load_from_disk`, or
   CSV/TSV/JSONL/Parquet files), checks every row (errors name the file and row) and returns
   normalised Arrow tables: id (row in its source), text_a, [text_b], label.
-- `to_ray` turns a table into a Ray Dataset, padded with id = -1 rows to a multiple of the worker
-  count, so that Ray Train's equal streaming split hands every worker the same number of rows
+- `ClassificationData.tokenized` tokenises a split once per job on the driver (the rows are there
+  already, checked one by one; a fast tokenizer does thousands a second) and keeps it for every
+  stage, epoch and evaluation with the same tokenizer: no tokenising tasks compete with training.
+- `to_ray` turns a tokenised table into a Ray Dataset, padded with id = -1 rows to a multiple of the
+  worker count, so that Ray Train's equal streaming split hands every worker the same number of rows
   (same number of batches: collectives stay matched) without dropping a real example.
-- `tokenize_batch` runs in Ray Data `map_batches` with the teacher's fast tokenizer;
-  `PadCollate` pads each batch to its own longest row in `iter_torch_batches`.
+- `PadCollate` pads each batch to its own longest row in `iter_torch_batches`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 
 from ...config import Config, DataConfig, resolve_path
 from ..common import (PAD_ID, DataError, attention_mask, carve, carved_size, load_tokenizer, padded, padded_rows,
-                      shuffled, subsample)
+                      shuffled, subsample, tokenizer_identity)
 
 FILE_FORMATS = ("csv", "tsv", "jsonl", "json", "parquet")
 
@@ -40,9 +42,18 @@ class ClassificationData:
     notes: list[str] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)  # split -> where its rows came from
     available: dict[str, int] = field(default_factory=dict)  # split -> rows before data.max_*_examples
+    token_tables: dict = field(default_factory=dict, repr=False)  # (split, tokenizer, max_length) -> table
 
     def sizes(self) -> dict[str, int]:
         return {k: v.num_rows for k, v in self.splits.items()}
+
+    def tokenized(self, split: str, tokenizer_path: str, max_length: int) -> pa.Table:
+        """The split's rows as token ids (id, label, input_ids[, token_type_ids]), tokenised once per
+        tokenizer: the teacher, its fine-tuned copy and the students share one (checked up front)."""
+        key = (split, tokenizer_identity(tokenizer_path), max_length)
+        if key not in self.token_tables:
+            self.token_tables[key] = tokenize_table(self.splits[split], tokenizer_path, max_length)
+        return self.token_tables[key]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -248,21 +259,28 @@ def _carve(splits: dict, sources: dict, cfg: DataConfig, seed: int) -> list[str]
 # ----------------------------------------------------------------------------- Ray Data
 
 
-def to_ray(table: pa.Table, num_workers: int, tokenizer_path: str, max_length: int, blocks: int | None = None):
-    """Ray Dataset of tokenised rows, padded with id=-1 rows to a multiple of num_workers."""
+def to_ray(table: pa.Table, num_workers: int, blocks: int | None = None):
+    """Ray Dataset of a tokenised table, padded with id=-1 rows (copies of the first row, outside
+    every loss and score) to a multiple of num_workers."""
     import ray.data
 
     extra = padded_rows(table.num_rows, num_workers)
     if extra:
-        pad = {"id": pa.array([PAD_ID] * extra, pa.int64()), "label": pa.array([0] * extra, pa.int64()),
-               "text_a": pa.array(["."] * extra)}
-        if "text_b" in table.column_names:
-            pad["text_b"] = pa.array(["."] * extra)
-        table = pa.concat_tables([table, pa.table(pad).select(table.column_names)])
+        first = table.slice(0, 1)
+        pad = first.set_column(first.schema.get_field_index("id"), "id", pa.array([PAD_ID], pa.int64()))
+        table = pa.concat_tables([table, *[pad] * extra])
     blocks = blocks or max(1, min(64, table.num_rows // 256))
-    ds = ray.data.from_arrow(table, override_num_blocks=blocks)
-    return ds.map_batches(tokenize_batch, batch_format="pyarrow", zero_copy_batch=True,
-                          fn_kwargs={"tokenizer_path": tokenizer_path, "max_length": max_length})
+    return ray.data.from_arrow(table, override_num_blocks=blocks)
+
+
+TOKENIZE_CHUNK = 10_000  # rows per tokenizer call: bounded memory for the Python lists it returns
+
+
+def tokenize_table(table: pa.Table, tokenizer_path: str, max_length: int) -> pa.Table:
+    """Rows (id, label, text_a[, text_b]) -> (id, label, input_ids[, token_type_ids]), truncated."""
+    parts = [tokenize_batch(table.slice(start, TOKENIZE_CHUNK), tokenizer_path, max_length)
+             for start in range(0, table.num_rows, TOKENIZE_CHUNK)]
+    return pa.concat_tables(parts) if parts else tokenize_batch(table, tokenizer_path, max_length)
 
 
 def tokenize_batch(batch: pa.Table, tokenizer_path: str, max_length: int) -> pa.Table:

@@ -83,24 +83,24 @@ class Predictor:
                 "pred": logits.argmax(-1).numpy(), "logits": logits.numpy()}
 
 
-def predict(model_dir: str, table, max_length: int, batch_size: int = 64, cpus: float = 1.0, actors: int = 1):
-    """Predictions of an exported model over an Arrow table of rows (id, label, text_a[, text_b]), by up
-    to `actors` Ray Data actors of `cpus` CPUs each (as many as fit start; one is enough to finish)."""
+def predict(model_dir: str, tokens, batch_size: int = 64, cpus: float = 1.0, actors: int = 1):
+    """Predictions of an exported model over a tokenised Arrow table (ClassificationData.tokenized), by
+    up to `actors` Ray Data actors of `cpus` CPUs each (as many as fit start; one is enough to finish)."""
     from ray.data import ActorPoolStrategy
 
-    from ..common import PAD_ID, to_frame
+    from ..common import EVAL_ACTOR_OPTIONS, PAD_ID, to_frame
     from .data import to_ray
 
-    ds = to_ray(table, 1, model_dir, max_length, blocks=max(1, min(64, table.num_rows // batch_size)))  # work for every actor
+    ds = to_ray(tokens, 1, blocks=max(1, min(64, tokens.num_rows // batch_size)))  # work for every actor
     out = ds.map_batches(Predictor, fn_constructor_kwargs={"model_dir": model_dir, "num_threads": max(1, int(cpus))},
                          batch_size=batch_size, batch_format="pyarrow", num_cpus=cpus,
-                         compute=ActorPoolStrategy(min_size=1, max_size=actors))
+                         compute=ActorPoolStrategy(min_size=1, max_size=actors), **EVAL_ACTOR_OPTIONS)
     frame = to_frame(out)
     frame = frame[frame["id"] != PAD_ID].sort_values("id")
     return frame
 
 
-def evaluate_model(model_dir: str, table, names: list[str], max_length: int, batch_size: int = 64,
+def evaluate_model(model_dir: str, tokens, names: list[str], batch_size: int = 64,
                    cpus: float = 1.0, actors: int = 1) -> dict[str, float]:
-    frame = predict(model_dir, table, max_length, batch_size, cpus, actors)
+    frame = predict(model_dir, tokens, batch_size, cpus, actors)
     return compute_metrics(names, frame["pred"].to_numpy(), frame["label"].to_numpy())

@@ -8,8 +8,10 @@ sequence length, over the same first N training rows, one epoch:
   using every CPU the pipeline would use;
 - pipeline: Ray Data -> TorchTrainer -> DeepSpeed, for each worker count; `loop` is the epoch
   loop (as the worker measures it), `steady` the same after the first optimizer step (without the
-  data pipeline's start-up), `fit` includes worker start-up and DeepSpeed init.
-Prints one JSON object (examples/s); --out also writes it.
+  data pipeline's start-up), `fit` includes worker start-up and DeepSpeed init; `startup` is the
+seconds from the fit() call to the worker's entry, its setup (models, DeepSpeed), its first batch
+and its first optimizer step.
+Prints a table and the JSON object (examples/s, seconds); --out also writes the JSON.
 """
 
 from __future__ import annotations
@@ -72,7 +74,23 @@ def pipeline_run(cfg, prepared) -> dict:
     return {"examples": n, "workers": cfg.scaling.num_workers, "cpus_per_worker": cfg.scaling.cpus_per_worker,
             "zero_stage": cfg.train.zero_stage, "loop_examples_per_s": round(result.metrics["train_examples_per_s"], 2),
             "steady_examples_per_s": round(result.metrics["train_steady_examples_per_s"], 2),
-            "fit_seconds": round(fit_s, 2), "fit_examples_per_s": round(n / fit_s, 2)}
+            "fit_seconds": round(fit_s, 2), "fit_examples_per_s": round(n / fit_s, 2),
+            "startup_s": {k[len("startup_"):-len("_s")]: v for k, v in result.metrics.items() if k.startswith("startup_")}}
+
+
+def table(out: dict) -> str:
+    rows = [("bare PyTorch loop", f"{out['bare']['examples_per_s']:.1f}", "1.00", "", "", "", "")]
+    for r in out["pipeline"]:
+        s = r["startup_s"]
+        name = f"pipeline, {r['workers']} worker(s) x {r['cpus_per_worker']:g} CPU"
+        rows += [(f"{name}: steady", f"{r['steady_examples_per_s']:.1f}", f"{r['steady_vs_bare']:.2f}",
+                  *(f"{s.get(k, float('nan')):.1f}" for k in ("entered", "setup", "first_batch", "first_step"))),
+                 (f"{name}: epoch loop", f"{r['loop_examples_per_s']:.1f}", f"{r['loop_vs_bare']:.2f}", "", "", "", ""),
+                 (f"{name}: whole fit ({r['fit_seconds']:.0f} s)", f"{r['fit_examples_per_s']:.1f}",
+                  f"{r['fit_examples_per_s'] / out['bare']['examples_per_s']:.2f}", "", "", "", "")]
+    head = ("run", "examples/s", "vs bare", "entered s", "setup s", "first batch s", "first step s")
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -112,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         row["loop_vs_bare"] = round(row["loop_examples_per_s"] / out["bare"]["examples_per_s"], 3)
         row["steady_vs_bare"] = round(row["steady_examples_per_s"] / out["bare"]["examples_per_s"], 3)
     text = json.dumps(out, indent=1)
+    print(table(out))
     print(text)
     if args.out:
         with open(args.out, "w") as f:

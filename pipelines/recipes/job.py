@@ -141,7 +141,8 @@ def _run_stage(plan: Plan, stage, show_progress: bool) -> dict:
     metrics = result.metrics
     return {**info, "train_s": round(time.time() - tick, 1), "examples_per_s": metrics.get("train_examples_per_s"),
             "val": {k[4:]: v for k, v in metrics.items() if k.startswith("val_")},
-            **{k: metrics[k] for k in ("teacher_params", "teacher_params_on_rank") if k in metrics}}
+            **{k: metrics[k] for k in ("teacher_params", "teacher_params_on_rank") if k in metrics},
+            "startup_s": {k[8:-2]: v for k, v in metrics.items() if k.startswith("startup_")}}
 
 
 def teacher_stage(cfg: Config) -> Stage:

@@ -4,6 +4,7 @@ one worker group running pipelines.train.worker, live progress, checkpoints unde
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 from ..config import Config, storage_root
@@ -46,7 +47,7 @@ def fit_stage(cfg: Config, prepared: Prepared, stage: Stage, show_progress: bool
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {}), **s.worker_resources}
     log = ProgressLog.remote()
     payload = {"task": task, "config": cfg.to_dict(), "stage": dataclasses.asdict(stage),
-               "meta": dataclasses.asdict(meta), "progress": log}
+               "meta": dataclasses.asdict(meta), "progress": log, "fit_called": time.time()}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=payload,

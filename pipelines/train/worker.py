@@ -61,8 +61,10 @@ class Worker:
     teacher: Any = None  # the task's teacher module (or its ZeRO-3 engine); None when fine-tuning or cached
     objective: Any = None  # sinkd.DistillationObjective; None when fine-tuning (plain CE)
 
-    def all_sum(self, values: list[float]) -> list[float]:
-        tensor = torch.tensor(values, dtype=torch.float64)
+    def all_sum(self, values) -> list[float]:
+        """Sum over ranks of a list (or a tensor on this rank's device): one host sync. The tensor goes
+        through this rank's device, where the process group's backend (NCCL on GPUs) works."""
+        tensor = torch.as_tensor(values, dtype=torch.float64).to(self.device)
         if self.world > 1:
             torch.distributed.all_reduce(tensor)
         return tensor.tolist()
@@ -79,21 +81,42 @@ def train_loop_per_worker(payload: dict) -> None:
     """Ray Train entry point: setup, resume, then per epoch train -> validate -> checkpoint + report."""
     import ray.train
 
+    clock = StartupClock(payload.get("fit_called"))
     progress = payload.get("progress")
     forward_warnings(progress)
     w = setup(payload)
+    clock.mark("setup")
     state = resume(w)
     if state.resumed_from and w.rank == 0 and progress is not None:
         progress.push.remote("resumed", state.global_step, {"step": state.global_step})
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("validation")
     for epoch in range(state.epoch, w.stage.train.epochs):
-        stats = train_epoch(w, train_shard, epoch, state, progress)
+        stats = train_epoch(w, train_shard, epoch, state, progress, clock)
         val = {f"val_{k}": v for k, v in w.task.validate(w, val_shard).items()}
         state.epoch, state.step_in_epoch = epoch + 1, 0
         if w.rank == 0 and progress is not None:
             progress.push.remote("val", state.global_step, {**val, "epoch": epoch + 1})
         save_and_report(w, state, {"stage": w.stage.name, "epoch": epoch + 1, "global_step": state.global_step,
-                                   **stats, **val, **teacher_footprint(w)})
+                                   **stats, **val, **teacher_footprint(w), **clock.report()})
+
+
+class StartupClock:
+    """Seconds from the driver's fit() call to this worker's entry, its setup (models, DeepSpeed), its
+    first batch and its first optimizer step: where a stage's start-up goes (wall clocks: the driver
+    and the workers of one cluster agree to well under the second asked for)."""
+
+    PHASES = ("entered", "setup", "first_batch", "first_step")
+
+    def __init__(self, fit_called: float | None):
+        self.start = fit_called or time.time()
+        self.marks = {"entered": time.time()}
+
+    def mark(self, phase: str) -> None:
+        self.marks.setdefault(phase, time.time())
+
+    def report(self) -> dict:
+        """startup_<phase>_s for each phase reached (in every epoch's metrics: Ray keeps the last)."""
+        return {f"startup_{p}_s": round(self.marks[p] - self.start, 2) for p in self.PHASES if p in self.marks}
 
 
 def forward_warnings(progress) -> None:
@@ -161,17 +184,19 @@ def resume(w: Worker) -> State:
     return state
 
 
-def step_loss(w: Worker, batch: dict) -> tuple[torch.Tensor, dict]:
-    """The loss of one micro-batch and its terms: the objective on the task's rows, or CE when fine-tuning."""
+def step_loss(w: Worker, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of one micro-batch and its terms (a TERMS-long tensor on the device: no host sync
+    here), from the objective on the task's rows, or CE when fine-tuning."""
     rows = w.task.forward(w, batch)
     if rows.empty:  # padding rows only: a zero loss keeps the collectives matched
-        return rows.student.sum() * 0.0, dict.fromkeys(TERMS, 0.0)
+        loss = rows.student.sum() * 0.0
+        return loss, loss.detach().new_zeros(len(TERMS))
     if w.objective is None:
         loss = F.cross_entropy(rows.student, rows.labels)
-        return loss, {"loss": float(loss.detach()), "ce": float(loss.detach()), "kd": 0.0, "sinkhorn": 0.0}
+        zero = loss.detach().new_zeros(())
+        return loss, torch.stack([loss.detach(), loss.detach(), zero, zero])
     out = w.objective(rows.student, rows.teacher, labels=rows.labels)
-    terms = out.as_dict()
-    return out.loss, {k: terms[k] for k in TERMS}
+    return out.loss, torch.stack([getattr(out, k).detach().float() for k in TERMS])
 
 
 class IdChecksum:
@@ -187,18 +212,20 @@ class IdChecksum:
 
 
 class StepTerms:
-    """The objective's terms over an accumulation window (each micro-batch weighted 1/window size),
-    averaged over ranks at each optimizer step, and their sum over the epoch's steps."""
+    """The objective's terms over an accumulation window (each micro-batch weighted 1/window size,
+    summed on the device), averaged over ranks at each optimizer step with one host sync, and their
+    sum over the epoch's steps."""
 
     def __init__(self):
-        self.window, self.epoch, self.steps = dict.fromkeys(TERMS, 0.0), dict.fromkeys(TERMS, 0.0), 0
+        self.window, self.epoch, self.steps = 0.0, dict.fromkeys(TERMS, 0.0), 0
 
-    def add(self, terms: dict, size: int) -> None:
-        self.window = {k: self.window[k] + terms[k] / size for k in TERMS}
+    def add(self, terms: torch.Tensor, size: int) -> None:
+        self.window = self.window + terms.double() / size
 
     def step(self, w: Worker) -> dict:
-        logged = dict(zip(TERMS, (v / w.world for v in w.all_sum([self.window[k] for k in TERMS]))))
-        self.window = dict.fromkeys(TERMS, 0.0)
+        window = self.window if torch.is_tensor(self.window) else torch.zeros(len(TERMS))
+        logged = dict(zip(TERMS, (v / w.world for v in w.all_sum(window))))
+        self.window = 0.0
         self.epoch, self.steps = {k: self.epoch[k] + logged[k] for k in TERMS}, self.steps + 1
         return logged
 
@@ -253,7 +280,7 @@ def mid_epoch_checkpoint_due(t: TrainConfig, state: State, meta: StageMeta) -> b
         and state.step_in_epoch < meta.steps_per_epoch
 
 
-def train_epoch(w: Worker, shard, epoch: int, state: State, progress) -> dict:
+def train_epoch(w: Worker, shard, epoch: int, state: State, progress, startup: StartupClock | None = None) -> dict:
     """One pass over this rank's shard; an optimizer step every grad_accum micro-batches (and at the end)."""
     t, meta = w.stage.train, w.meta
     w.engine.train()
@@ -262,6 +289,8 @@ def train_epoch(w: Worker, shard, epoch: int, state: State, progress) -> dict:
     for micro, batch in enumerate(epoch_batches(shard, t.batch_size, w.task.collate(meta), w.cfg.seed, epoch,
                                                 t.shuffle_buffer)):
         seen.add(batch["ids"])
+        if startup is not None:
+            startup.mark("first_batch")
         if not trains(micro, skip, t, meta):
             continue
         torch.manual_seed(hash((w.cfg.seed, epoch, micro, w.rank)) % (1 << 31))  # dropout, reproducible on resume
@@ -273,6 +302,8 @@ def train_epoch(w: Worker, shard, epoch: int, state: State, progress) -> dict:
         if not ends_window(micro, t, meta):
             continue
         w.engine.step()
+        if startup is not None:
+            startup.mark("first_step")
         logged = terms.step(w)
         state.global_step, state.step_in_epoch = state.global_step + 1, state.step_in_epoch + 1
         state.loss_log.append([state.global_step, logged["loss"]])

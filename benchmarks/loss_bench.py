@@ -6,12 +6,15 @@ Implementations:
   official       the reference formulation written out here (cdist, exp(-C/eps), K/K.sum(1), K/K.sum(0))
   sinkd-dense    sinkd.sinkhorn_loss, paper preset, L1 cost through autograd of torch.cdist
   sinkd-chunked  sinkd.sinkhorn_loss, paper preset, the memory-bounded ChunkedL1 backward
+  sinkd-implicit sinkd-chunked with grad="implicit" (no stored iterations; one solve in the backward)
+  sinkd-envelope sinkd-chunked with grad="envelope" (reports the regularised value, so its loss differs)
   pot            POT's ot.sinkhorn2 on the torch backend (uniform 1/N marginals, scaled by N so that
                  its value is the official one's, whose plan has row and column sums of 1)
 
     python benchmarks/loss_bench.py                        # CPU grid, or the issue-5 grid when CUDA is present
     python benchmarks/loss_bench.py --device cuda          # 256x32000, 512x32000, 256x151936, 1024x151936
     python benchmarks/loss_bench.py --sizes 128x8000,512x32000 --impls official,sinkd-chunked
+    python benchmarks/loss_bench.py --grad-check 64x500      # issue 13: each grad mode vs finite differences
 
 Memory: on CUDA the peak of torch.cuda.max_memory_allocated above what the inputs hold; on CPU each
 (impl, size) cell runs in a fresh subprocess and reports its peak-RSS growth over a baseline taken
@@ -57,8 +60,8 @@ def official(zs, zt):
     return (K * C).sum()
 
 
-def sinkd_loss(l1_impl):
-    config = sinkd.SinkhornConfig.paper(l1_impl=l1_impl)
+def sinkd_loss(l1_impl, **options):
+    config = sinkd.SinkhornConfig.paper(l1_impl=l1_impl, **options)
     return lambda zs, zt: sinkd.sinkhorn_loss(zs, zt, config)
 
 
@@ -75,7 +78,44 @@ def pot(zs, zt):
     return ot.sinkhorn2(a, a, C, reg=EPS, numItermax=ITERS, stopThr=0.0) * n
 
 
-IMPLS = {"official": official, "sinkd-dense": sinkd_loss("dense"), "sinkd-chunked": sinkd_loss("chunked"), "pot": pot}
+IMPLS = {"official": official, "sinkd-dense": sinkd_loss("dense"), "sinkd-chunked": sinkd_loss("chunked"), "pot": pot,
+         "sinkd-implicit": sinkd_loss("chunked", grad="implicit"), "sinkd-envelope": sinkd_loss("chunked", grad="envelope")}
+
+
+def grad_check(n, v, seed=0, h=1e-6):
+    """float64, paper preset: for each grad mode, at 20 iterations and converged (tol 1e-13), the
+    relative L2 gap of its logit gradient to unrolled autograd at the same iterations, and the gap
+    between its directional derivative along a random direction and the central finite difference
+    of the loss that mode reports (converged)."""
+    gen = torch.Generator().manual_seed(seed)
+    zs, zt = (2 * torch.randn(2, n, v, generator=gen, dtype=torch.float64)).unbind(0)
+    direction = torch.randn(n, v, generator=gen, dtype=torch.float64)
+    rows = []
+    for label, solver in (("20 iterations", {}), ("converged", {"max_iter": 100_000, "tol": 1e-13})):
+        grads = {}
+        for grad in ("unrolled", "implicit", "envelope"):
+            cfg = sinkd.SinkhornConfig.paper(grad=grad, **solver)
+            z = zs.clone().requires_grad_()
+            loss = sinkd.sinkhorn_loss(z, zt, cfg)
+            (grads[grad],) = torch.autograd.grad(loss, z)
+            fd = (sinkd.sinkhorn_loss(zs + h * direction, zt, cfg) - sinkd.sinkhorn_loss(zs - h * direction, zt, cfg)) / (2 * h)
+            rows.append({"iterations": label, "grad": grad, "loss": float(loss),
+                         "rel_gap_to_unrolled": float((grads[grad] - grads["unrolled"]).norm() / grads["unrolled"].norm()),
+                         "rel_gap_directional_fd": float(abs((grads[grad] * direction).sum() - fd) / abs(fd))})
+        # The issue's measure: envelope's gradient against the gradient of <P, C> (unrolled = implicit here).
+        rows[-1]["rel_gap_envelope_vs_d_transport"] = float((grads["envelope"] - grads["implicit"]).norm() / grads["implicit"].norm())
+    return rows
+
+
+def cost_gradient_gaps(seeds=range(5), shape=(7, 5), eps=0.1):
+    """The issue's reproducer: C = rand(7, 5) float64, sinkhorn(C, 0.1, max_iter=300, grad=g).cost; the
+    relative L2 gap of each mode's dC gradient to unrolled autograd, per seed."""
+    out = []
+    for seed in seeds:
+        cost = torch.rand(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).requires_grad_()
+        g = {m: torch.autograd.grad(sinkd.sinkhorn(cost, eps, max_iter=300, grad=m).cost, cost)[0] for m in ("unrolled", "implicit", "envelope")}
+        out.append({"seed": seed, **{f"rel_gap_{m}": float((g[m] - g["unrolled"]).norm() / g["unrolled"].norm()) for m in ("implicit", "envelope")}})
+    return out
 
 
 def make_inputs(n, v, device, seed=0):
@@ -283,6 +323,7 @@ def parse_args(argv):
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     ap.add_argument("--retries", type=int, default=2, help="CPU: extra runs of a cell that other processes slowed")
     ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/loss_bench_<device>.json)")
+    ap.add_argument("--grad-check", type=parse_size, help="NxV: gradient accuracy of each grad mode (float64), then exit")
     ap.add_argument("--cell", help=argparse.SUPPRESS)  # internal: IMPL:NxV, one CPU cell in a subprocess
     args = ap.parse_args(argv)
     unknown = sorted(set(args.impls) - set(IMPLS))
@@ -309,6 +350,20 @@ def main(argv=None):
         sys.exit("loss_bench: --device cuda but torch.cuda.is_available() is False")
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     args.repeats = args.repeats or (5 if device == "cuda" else 3)
+    if args.grad_check:
+        command = "python benchmarks/loss_bench.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+        rows = grad_check(*args.grad_check)
+        costs = cost_gradient_gaps()
+        for r in costs:
+            print(f"cost rand(7, 5) seed {r['seed']}: dC gap to unrolled: implicit {r['rel_gap_implicit']:.1e}, envelope {r['rel_gap_envelope']:.1%}")
+        print("| iterations | grad | loss | rel. gap to unrolled | rel. gap directional FD |\n|---|---|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['iterations']} | {r['grad']} | {r['loss']:.6f} | {r['rel_gap_to_unrolled']:.2e} | {r['rel_gap_directional_fd']:.2e} |")
+        out = args.out or ROOT / "benchmarks" / "results" / "loss_bench_grad_check.json"
+        out.write_text(json.dumps({"machine": machine_info("cpu"), "command": command, "size": args.grad_check, "rows": rows,
+                                   "issue_reproducer_cost_gradients": costs}, indent=1) + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+        return
     if args.cell:  # child: measure one cell, print one JSON line
         impl, size = args.cell.split(":")
         print(json.dumps(measure_cell(impl, *parse_size(size), device, args.warmup, args.repeats)))

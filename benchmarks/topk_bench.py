@@ -12,6 +12,11 @@ the student logits. Reported per k: time, relative error of the loss value and o
     python benchmarks/topk_bench.py                         # CPU: 2 x 256 tokens, k = 64, 256, 1024
     python benchmarks/topk_bench.py --save-cache runs/smollm2_logits.pt   # teacher logits (fp16) for a GPU host
     python benchmarks/topk_bench.py --device cuda --cache runs/smollm2_logits.pt
+    python benchmarks/topk_bench.py --cache runs/smollm2_logits.pt --tokens 256 --temperatures 1,2 --tails bucket,lognormal
+                                                            # issue 13: both tail models at T = 1 and 2
+
+--temperatures and --tails add the SinkhornConfig fields temperature and topk_tail (the preset's
+T = 2 and the rest bucket by default); the full-vocabulary reference runs once per temperature.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import sinkd  # noqa: E402
+import sinkd
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WIKI = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -52,13 +57,14 @@ def wiki_text(min_chars: int = 2000, max_chars: int = 200_000) -> str:
     spec = importlib.util.find_spec("gensim")
     if spec is None:
         raise RuntimeError("gensim is not installed: it ships the Wikipedia extract used as text")
-    raw = bz2.open(os.path.join(os.path.dirname(spec.origin), WIKI), "rt", encoding="utf-8").read()
+    with bz2.open(os.path.join(os.path.dirname(spec.origin), WIKI), "rt", encoding="utf-8") as fh:
+        raw = fh.read()
     articles = []
-    for body in re.findall(r"<text[^>]*>(.*?)</text>", raw, flags=re.S):
+    for body in re.findall(r"<text[^>]*>(.*?)</text>", raw, flags=re.DOTALL):
         body = re.sub(r"\{\{[^{}]*\}\}", "", body)
-        body = re.sub(r"&lt;ref.*?&lt;/ref&gt;|&lt;[^&]*&gt;", "", body, flags=re.S)
+        body = re.sub(r"&lt;ref.*?&lt;/ref&gt;|&lt;[^&]*&gt;", "", body, flags=re.DOTALL)
         body = re.sub(r"\[\[(?:[^\]|]*\|)?([^\]]*)\]\]", r"\1", body)
-        body = re.sub(r"'{2,}|^[=*#:;|!{}].*$", "", body, flags=re.M)
+        body = re.sub(r"'{2,}|^[=*#:;|!{}].*$", "", body, flags=re.MULTILINE)
         body = body.replace("&amp;", "&").replace("&quot;", '"')
         body = re.sub(r"\n{2,}", "\n", body).strip()
         if len(body) >= min_chars:
@@ -129,11 +135,38 @@ def compare(zs, zt, ks=KS, repeats=2, **config_overrides):
     return rows
 
 
+def compare_tails(zs, zt, ks=KS, repeats=2, temperature=2.0, tails=("bucket",), t1_cache=False):
+    """As `compare` at one temperature for each top-k tail model, the full-vocabulary run shared. The
+    teacher: topk=k of the dense teacher (its top-k at T); with t1_cache also, at T != 1, a logit
+    cache built at T = 1 (TopKDistribution.from_logits) that the loss re-tempers (rest spread evenly)."""
+    config = sinkd.SinkhornConfig.paper(temperature=temperature)
+    full_t, full_v, full_g = loss_and_grad(zs, zt, config, repeats)
+    pt = torch.softmax(zt / temperature, dim=-1)
+    rows = [{"T": temperature, "tail": "-", "k": "full", "ms": full_t * 1e3, "loss": full_v, "rel_err_loss": 0.0,
+             "rel_err_grad": 0.0, "teacher_mass": 1.0}]
+    for tail in tails:
+        for k in ks:
+            t, v, g = loss_and_grad(zs, zt, sinkd.SinkhornConfig.paper(temperature=temperature, topk=k, topk_tail=tail), repeats)
+            mass = float(pt.topk(k, dim=-1).values.sum(-1).mean())
+            rows.append({"T": temperature, "tail": tail, "k": k, "ms": t * 1e3, "loss": v, "rel_err_loss": abs(v - full_v) / abs(full_v),
+                         "rel_err_grad": float((g - full_g).norm() / full_g.norm()), "speedup": full_t / t, "teacher_mass": mass})
+            if t1_cache and temperature != 1.0:
+                cached = sinkd.TopKDistribution.from_logits(zt, k)
+                t, v, g = loss_and_grad(zs, cached, sinkd.SinkhornConfig.paper(temperature=temperature, topk_tail=tail), repeats)
+                rows.append({"T": temperature, "tail": f"{tail}, T=1 cache", "k": k, "ms": t * 1e3, "loss": v,
+                             "rel_err_loss": abs(v - full_v) / abs(full_v), "rel_err_grad": float((g - full_g).norm() / full_g.norm()),
+                             "speedup": full_t / t, "teacher_mass": mass})
+    return rows
+
+
 def format_rows(rows) -> str:
-    lines = ["| k | teacher mass in top-k (T=2) | ms fwd+bwd | loss | rel. error loss | rel. error grad | speed-up vs full |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    with_tail = any("tail" in r for r in rows)
+    head = "| T | tail | k | teacher mass in top-k (at T) |" if with_tail else "| k | teacher mass in top-k (T=2) |"
+    lines = [head + " ms fwd+bwd | loss | rel. error loss | rel. error grad | speed-up vs full |",
+             "|---|" + ("---|---|" if with_tail else "") + "---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['k']} | {r.get('teacher_mass', float('nan')):.3f} | {r['ms']:.1f} | {r['loss']:.6g} | {r['rel_err_loss']:.2e} | "
+        lead = f"| {r['T']:g} | {r['tail']} | {r['k']} |" if with_tail else f"| {r['k']} |"
+        lines.append(f"{lead} {r.get('teacher_mass', float('nan')):.3f} | {r['ms']:.1f} | {r['loss']:.6g} | {r['rel_err_loss']:.2e} | "
                      f"{r['rel_err_grad']:.2e} | {r.get('speedup', 1.0):.2f} |")
     return "\n".join(lines)
 
@@ -155,6 +188,10 @@ def main(argv=None):
     ap.add_argument("--noise", type=float, default=1.0, help="student = teacher logits + noise * N(0, 1)")
     ap.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=list(KS))
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--tokens", type=int, help="use the first N rows of the teacher logits (default: all)")
+    ap.add_argument("--temperatures", type=lambda s: [float(x) for x in s.split(",")], help="e.g. 1,2 (default: the preset's 2)")
+    ap.add_argument("--tails", type=lambda s: s.split(","), help="top-k tail models, e.g. bucket,lognormal (default: bucket)")
+    ap.add_argument("--t1-cache", action="store_true", help="also a T=1 logit-cache teacher re-tempered at each T != 1")
     ap.add_argument("--cache", help="read teacher logits from this file instead of running the teacher")
     ap.add_argument("--save-cache", help="write the teacher logits (fp16) here and exit")
     ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/topk_bench_<device>.json)")
@@ -166,11 +203,16 @@ def main(argv=None):
         torch.save({"logits": zt.half().cpu(), "info": info}, args.save_cache)
         print(f"wrote {args.save_cache}: {tuple(zt.shape)} fp16", file=sys.stderr)
         return
+    if args.tokens:
+        zt = zt[: args.tokens]
     zs = student_from(zt, args.noise)
-    rows = compare(zs, zt, args.ks, args.repeats)
+    if args.temperatures or args.tails:
+        rows = [r for t in (args.temperatures or [2.0]) for r in compare_tails(zs, zt, args.ks, args.repeats, t, args.tails or ["bucket"], args.t1_cache)]
+    else:
+        rows = compare(zs, zt, args.ks, args.repeats)
     command = "python benchmarks/topk_bench.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     print(f"N={zt.shape[0]} tokens, V={zt.shape[1]}, {info['source']}; student = teacher + {args.noise:g} * N(0,1); "
-          f"paper preset; device {device}, torch threads {torch.get_num_threads()}")
+          f"paper preset (T as listed); device {device}, torch threads {torch.get_num_threads()}")
     print(format_rows(rows))
     out = args.out or ROOT / "benchmarks" / "results" / f"topk_bench_{device.split(':')[0]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import torch
 
 import sinkd
 
-MODULES = ["sinkd.sinkhorn", "sinkd.sinkhorn_loss", "sinkd.divergences", "sinkd.costs", "sinkd.objective", "sinkd.topk"]
+MODULES = ["sinkd.sinkhorn", "sinkd.sinkhorn_loss", "sinkd.divergences", "sinkd.costs", "sinkd.objective", "sinkd.topk", "sinkd.implicit"]
 DOCUMENTED = {
     "sinkhorn": sinkd.sinkhorn,
     "sinkhorn_loss": sinkd.sinkhorn_loss,
@@ -18,6 +18,8 @@ DOCUMENTED = {
     "DistillationObjective.__call__": sinkd.DistillationObjective.__call__,
     "TopKDistribution.from_logits": sinkd.TopKDistribution.from_logits,
     "TopKDistribution.from_probs": sinkd.TopKDistribution.from_probs,
+    "topk_l1_cost": sinkd.topk_l1_cost,
+    "implicit.transport_cost_grad": importlib.import_module("sinkd.implicit").transport_cost_grad,
 }
 
 

@@ -159,6 +159,40 @@ def compare_tails(zs, zt, ks=KS, repeats=2, temperature=2.0, tails=("bucket",), 
     return rows
 
 
+def tail_sign_floor(zs, zt, k, temperature, rows=32):
+    """With the full-vocabulary plan P held fixed (float64, first `rows` tokens), the relative error of the
+    logit gradient when the signs sign(p_s[i, v] - p_t[j, v]) of the tokens outside teacher j's top-k
+    are replaced, per pair (i, j), by (a) their p_s-weighted mean (the best one-sign-per-pair tail: any
+    model that knows only the teacher's top-k and rest gives each pair one tail sign), (b) the
+    lognormal tail's 1 - 2 Phi(d2), (c) the rest bucket's sign(S - R). N x N x V float64 temporaries."""
+    from sinkd.topk_tail import LognormalTail, head_log_ratio_sigma
+
+    zs, zt = zs[:rows].double(), zt[:rows].double()
+    n = zs.shape[0]
+    ps, pt = torch.softmax(zs / temperature, -1), torch.softmax(zt / temperature, -1)
+    ones = torch.ones(n, dtype=torch.float64, device=zs.device)
+    plan = sinkd.sinkhorn(torch.cdist(ps, pt, p=1), 0.1, a=ones, b=ones, max_iter=20, grad="envelope").plan
+    ids = pt.topk(k, -1).indices
+    tail = ~torch.zeros_like(pt, dtype=torch.bool).scatter_(1, ids, True)[None]
+    sign = torch.sign(ps[:, None, :] - pt[None, :, :])
+
+    def logit_grad(signs):
+        g = (plan[:, :, None] * signs).sum(1)
+        return ps * (g - (ps * g).sum(-1, keepdim=True)) / temperature
+
+    truth = logit_grad(sign)
+    weight = ps[:, None, :] * tail
+    gathered, t_probs = ps[:, ids.reshape(-1)].view(n, n, k), pt.gather(1, ids)
+    student_tail = (1 - gathered.sum(-1)).clamp_min(0)
+    teacher_tail = (1 - t_probs.sum(-1))[None].expand_as(student_tail)
+    s_req = student_tail.clone().requires_grad_()
+    LognormalTail.apply(s_req, teacher_tail, head_log_ratio_sigma(gathered, t_probs)).sum().backward()  # its dS = 1 - 2 Phi(d2)
+    per_pair = {"best one sign per pair": (weight * sign).sum(-1) / weight.sum(-1), "lognormal": s_req.grad,
+                "bucket sign(S - R)": torch.sign(student_tail - teacher_tail)}
+    return {name: float((logit_grad(torch.where(tail, v[:, :, None], sign)) - truth).norm() / truth.norm())
+            for name, v in per_pair.items()}
+
+
 def format_rows(rows) -> str:
     with_tail = any("tail" in r for r in rows)
     head = "| T | tail | k | teacher mass in top-k (at T) |" if with_tail else "| k | teacher mass in top-k (T=2) |"
@@ -192,6 +226,8 @@ def main(argv=None):
     ap.add_argument("--temperatures", type=lambda s: [float(x) for x in s.split(",")], help="e.g. 1,2 (default: the preset's 2)")
     ap.add_argument("--tails", type=lambda s: s.split(","), help="top-k tail models, e.g. bucket,lognormal (default: bucket)")
     ap.add_argument("--t1-cache", action="store_true", help="also a T=1 logit-cache teacher re-tempered at each T != 1")
+    ap.add_argument("--tail-floor", type=int, metavar="ROWS",
+                    help="only the plan-fixed tail-sign comparison (tail_sign_floor) on the first ROWS tokens, per T and k")
     ap.add_argument("--cache", help="read teacher logits from this file instead of running the teacher")
     ap.add_argument("--save-cache", help="write the teacher logits (fp16) here and exit")
     ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/topk_bench_<device>.json)")
@@ -206,6 +242,14 @@ def main(argv=None):
     if args.tokens:
         zt = zt[: args.tokens]
     zs = student_from(zt, args.noise)
+    if args.tail_floor:
+        floors = [{"T": t, "k": k, **tail_sign_floor(zs, zt, k, t, args.tail_floor)} for t in (args.temperatures or [2.0]) for k in args.ks]
+        for f in floors:
+            print(f"T={f['T']:g} k={f['k']}: " + ", ".join(f"{n} {v:.2%}" for n, v in f.items() if n not in ("T", "k")))
+        out = args.out or ROOT / "benchmarks" / "results" / "topk_tail_floor.json"
+        command = "python benchmarks/topk_bench.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+        out.write_text(json.dumps({"command": command, "info": info, "rows_used": args.tail_floor, "floors": floors}, indent=1) + "\n")
+        return
     if args.temperatures or args.tails:
         rows = [r for t in (args.temperatures or [2.0]) for r in compare_tails(zs, zt, args.ks, args.repeats, t, args.tails or ["bucket"], args.t1_cache)]
     else:

@@ -44,6 +44,10 @@ class TeacherConfig:
     gguf_file: Optional[str] = None  # causal_lm: a GGUF file inside the `path` directory
     finetune: Literal["auto", "always", "never"] = "auto"  # auto: when it has no head for the task
     train: dict[str, Any] = field(default_factory=dict)  # overrides of `train` for fine-tuning
+    # classification: the teacher's logits for the training rows, computed once before the students
+    # (the teacher is frozen and in eval mode) and read by every student stage and trial. auto: on
+    # for CPU jobs below ZeRO-3 (where the teacher fits one process and the pass costs least)
+    cache_logits: Literal["auto", True, False] = "auto"
 
 
 @dataclass

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from ..config import Config, ConfigError, stage_model_dir
 from ..tasks import get_task
-from .session import eval_pool, ray_session
+from ..tasks.common import eval_pool
+from .session import ray_session
 
 
 def run_models(cfg: Config) -> list[str]:

@@ -18,12 +18,12 @@ import yaml
 
 from ..config import Config, ConfigError, model_config, stage_model_dir, teacher_train_config
 from ..tasks import Prepared, Stage, get_task
-from ..tasks.common import TASK_FILE
+from ..tasks.common import TASK_FILE, eval_pool
 from ..tasks.protocol import TEACHER_STAGE as TEACHER
 from ..train.fit import fit_stage
 from .export import export_checkpoint
 from .report import model_row, write_report
-from .session import eval_pool, ray_session
+from .session import ray_session
 
 
 @dataclasses.dataclass

@@ -39,12 +39,6 @@ def init_local_ray(**kwargs) -> None:
                 os.environ[key] = value
 
 
-def eval_pool(cfg: Config) -> dict:
-    """Evaluation actors shaped like the training workers (one per worker, its CPUs each), so that
-    each fits wherever a worker did; one asking for all the workers' CPUs might fit on no node."""
-    return {"cpus": max(1.0, cfg.scaling.cpus_per_worker), "actors": cfg.scaling.num_workers}
-
-
 @contextlib.contextmanager
 def ray_session(cfg: Config, extra_cpus: int = 0):
     """Join the running Ray (tests, notebooks), a cluster (ray.address), or start a local one;

@@ -103,11 +103,10 @@ def epoch_batches(shard, batch_size: int, collate, seed: int, epoch: int, shuffl
                                     local_shuffle_seed=seed * 1000 + epoch if shuffle_buffer else None)
 
 
-# Ray Data actor options of the evaluation pools: no actor restarts. A restartable actor whose
-# constructor arguments sit in the object store makes Ray log an error line on every healthy run
-# (ray-project/ray#57733); a lost evaluation actor instead fails the evaluation, and a rerun of the
-# same command redoes just that (finished stages and stored scores are reused).
-EVAL_ACTOR_OPTIONS = {"max_restarts": 0}
+def eval_pool(cfg: Config) -> dict:
+    """Batch-inference actors shaped like the training workers (one per worker, its CPUs each), so
+    that each fits wherever a worker did; one asking for all the workers' CPUs might fit on no node."""
+    return {"cpus": max(1.0, cfg.scaling.cpus_per_worker), "actors": cfg.scaling.num_workers}
 
 
 def to_frame(ds):

@@ -20,14 +20,16 @@ class StageInterrupted(KeyboardInterrupt):
         self.stage, self.step, self.total = stage, step, total
 
 
-def ingest_config():
+def ingest_config(num_workers: int):
     """Ray Train's dataset config: preserve_order makes each rank's rows and their order a function of
     the data alone (a resumed run replays the same batches); the equal split never drops a real row
-    because the task's datasets are padded to a multiple of the worker count."""
+    because the task's datasets are padded to a multiple of the worker count. One worker reads the
+    datasets whole: the same rows in the same order, without a split coordinator actor to start."""
     from ray.data import ExecutionOptions
     from ray.train import DataConfig
 
-    return DataConfig(execution_options=ExecutionOptions(preserve_order=True))
+    return DataConfig(datasets_to_split="all" if num_workers > 1 else [],
+                      execution_options=ExecutionOptions(preserve_order=True))
 
 
 def fit_stage(cfg: Config, prepared: Prepared, stage: Stage, show_progress: bool = True, callbacks: list | None = None):
@@ -59,7 +61,7 @@ def fit_stage(cfg: Config, prepared: Prepared, stage: Stage, show_progress: bool
                              worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if s.use_gpu else "cpu",
                                                               "TOKENIZERS_PARALLELISM": "false"}}),
         datasets=task.ray_datasets(cfg, prepared, stage),
-        dataset_config=ingest_config(),
+        dataset_config=ingest_config(s.num_workers),
     )
     tb, total = Path(cfg.run_dir) / "tb" / stage.name, meta.steps_per_epoch * t.epochs
     with ProgressUI(log, stage.name, total, tb, show=show_progress) as ui:

@@ -45,6 +45,7 @@ def test_gguf_teacher_by_pkg_path_resolves_without_importing_the_package(tmp_pat
     ({"data.files": {"train": "nowhere.txt"}}, "data.files.train: file not found"),
     ({"task_type": "lm"}, "task_type: must be one of classification, causal_lm, got 'lm'"),
     ({"teacher.finetune": "always"}, "teacher.finetune: a causal-LM teacher is used as given"),
+    ({"teacher.cache_logits": True}, "teacher.cache_logits: classification only"),
     ({"objective.sinkhorn": {"mode": "sample"}}, "objective.sinkhorn.mode: 'sample' is O(V^2) per token"),
     ({"objective.sinkhorn": {"cost": "l2"}, "lm.cache.enabled": True}, "objective.sinkhorn.cost: the logit cache"),
     ({"objective.sinkhorn": {"group_size": 0}}, "objective.sinkhorn.group_size must be an integer >= 1"),

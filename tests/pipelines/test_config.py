@@ -59,6 +59,7 @@ def test_valid_tiny_config_round_trips(raw):
     ("teacher.path", "/nonexistent/teacher", "teacher.path: directory not found /nonexistent/teacher"),
     ("teacher.path", "pkg://no_such_package_xyz/model", "teacher.path: python package 'no_such_package_xyz' is not installed"),
     ("teacher.finetune", "maybe", "teacher.finetune: must be one of auto, always, never"),
+    ("teacher.cache_logits", "yes", "teacher.cache_logits: must be one of auto, True, False, got 'yes'"),
     ("teacher.train", {"lr": "x"}, "teacher.train.lr: expected a number, got 'x'"),
     ("teacher.train", {"epoch": 1}, "teacher.train.epoch: unknown key"),
     ("student.layers", [0, 7], "student.layers: must be distinct indices of the teacher's 4 layers"),

@@ -10,7 +10,7 @@ import pytest
 from pipelines.tasks import checked_config
 from pipeline_helpers import tiny_job
 
-from pipelines.tasks.classification.data import PadCollate, load_task, tokenize_batch
+from pipelines.tasks.classification.data import PadCollate, load_task, tokenize_batch, with_teacher_logits
 from pipelines.tasks.common import PAD_ID, DataError, batches_per_shard, padded_rows
 
 
@@ -194,3 +194,30 @@ def test_notes_and_summary_give_the_rows_actually_used(tmp_path, tiny_bert):
     assert sum(train["labels"].values()) == task.sizes()["train"] and train["labels"]["2"] == 0
     assert any("class 5 has 1 row(s)" in w for w in summary["warnings"]), summary["warnings"]
     assert any(w.startswith("train: no row of class 2, 3, 4") for w in summary["warnings"]), summary["warnings"]
+
+
+def test_tokenised_once_per_tokenizer_and_padded_to_the_worker_count(tmp_path, tiny_bert, sst2_small):
+    """The teacher, its fine-tuned copy and the students share one tokenizer: a split is tokenised once
+    whatever directory it is asked for from; to_ray pads with copies of the first row marked PAD_ID."""
+    import shutil
+
+    task = load_task(_cfg(tmp_path, tiny_bert, sst2_small))
+    first = task.tokenized("validation", str(tiny_bert), 32)
+    copy_dir = tmp_path / "teacher_copy"
+    shutil.copytree(tiny_bert, copy_dir)
+    assert task.tokenized("validation", str(copy_dir), 32) is first  # same tokenizer digest: no second pass
+    assert task.tokenized("validation", str(tiny_bert), 16) is not first  # another length is another table
+    assert first["id"].to_pylist() == task.splits["validation"]["id"].to_pylist()
+    assert first.equals(tokenize_batch(task.splits["validation"], str(tiny_bert), 32))
+
+
+def test_teacher_logits_join_by_id_and_reach_the_batch():
+    tokens = pa.table({"id": [5, 2, 9], "label": [0, 1, 1],
+                       "input_ids": pa.array([[101, 7, 102], [101, 102], [101, 8, 9, 102]], pa.list_(pa.int32()))})
+    ids, logits = np.array([9, 5, 2]), np.array([[0.9, -0.9], [0.5, -0.5], [0.2, -0.2]])  # another order
+    joined = with_teacher_logits(tokens, ids, logits)
+    out = PadCollate(0)(joined)
+    np.testing.assert_allclose(out["teacher_logits"].numpy(), [[0.5, -0.5], [0.2, -0.2], [0.9, -0.9]], rtol=1e-6)
+    assert str(out["teacher_logits"].dtype) == "torch.float32"
+    with pytest.raises(ValueError, match="teacher logits missing for 1 row id"):
+        with_teacher_logits(tokens, ids[:2], logits[:2])

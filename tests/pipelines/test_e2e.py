@@ -67,7 +67,7 @@ def test_exactly_once_per_epoch_across_workers(ray_session, sst2_small, tiny_ber
         (tmp_path / f"ids_{rank}.json").write_text(json.dumps(seen))
 
     TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=2), datasets={"train": to_ray(tokenize_table(table, str(tiny_bert), 32), 2)},
-                 dataset_config=ingest_config()).fit()
+                 dataset_config=ingest_config(2)).fit()
     per_rank = [json.loads((tmp_path / f"ids_{r}.json").read_text()) for r in range(2)]
     expected = sorted(table["id"].to_pylist())
     for epoch in range(2):
@@ -112,7 +112,7 @@ def test_evaluation_actors_split_the_rows_and_agree_with_one_actor(zero2):
     the workers' CPUs could fit on no node): the predictions are those of a single actor, every row once."""
     from pipelines.tasks.classification.data import load_task
     from pipelines.tasks.classification.metrics import predict
-    from pipelines.recipes.session import eval_pool
+    from pipelines.tasks.common import eval_pool
 
     raw, results = zero2
     cfg = checked_config(copy.deepcopy(raw))
@@ -167,6 +167,21 @@ def _loss_log(run_dir, stage: str) -> list[float]:
     return [loss for _, loss in _state(run_dir, stage)["loss_log"]]
 
 
+def test_cached_teacher_logits_give_the_losses_of_the_teacher_in_the_workers(ray_session, tmp_path, tiny_bert,
+                                                                               sst2_small):
+    """teacher.cache_logits (auto: on for a CPU job below ZeRO-3): one teacher pass before the students,
+    whose step losses are those of the same run with the teacher in every worker; no worker holds it."""
+    common = {"train.epochs": 1, "train.checkpoint_every_steps": None}
+    raws = {mode: tiny_job(tmp_path / str(mode), tiny_bert, sst2_small, **common, **{"teacher.cache_logits": mode})
+            for mode in ("auto", False)}
+    runs = {mode: _run(raw) for mode, raw in raws.items()}
+    cached, live = (_loss_log(raws[mode]["run_dir"], "sinkd") for mode in ("auto", False))
+    assert len(cached) == len(live) > 0 and cached == pytest.approx(live, rel=1e-5)
+    assert "teacher_params" not in runs["auto"]["models"]["sinkd"] and runs[False]["models"]["sinkd"]["teacher_params"] > 0
+    scores = [run["models"]["sinkd"]["test"]["accuracy"] for run in runs.values()]
+    assert scores[0] == pytest.approx(scores[1], abs=1.5 / runs["auto"]["data"]["test"])  # one row of slack for a near-tie
+
+
 def test_zero3_t5_family_end_to_end(ray_session, tmp_path, tiny_t5, sst2_small):
     """Encoder-decoder teacher fine-tuned then distilled on its label-token logits, ZeRO-3 partitioned.
     The same distillation under ZeRO-2, from the teacher the ZeRO-3 run fine-tuned, gives the same
@@ -180,7 +195,7 @@ def test_zero3_t5_family_end_to_end(ray_session, tmp_path, tiny_t5, sst2_small):
     results = runs[3]
     assert list(results["models"]) == ["teacher", "sinkd"]
     raws[2] = tiny_job(tmp_path / "zero2", results["models"]["teacher"]["path"], sst2_small, **common, **{
-        "train.zero_stage": 2, "teacher.finetune": "never"})
+        "train.zero_stage": 2, "teacher.finetune": "never", "teacher.cache_logits": False})  # its teacher in the workers
     runs[2] = _run(raws[2])
     zero2, zero3 = _loss_log(raws[2]["run_dir"], "sinkd"), _loss_log(raws[3]["run_dir"], "sinkd")
     assert len(zero3) == len(zero2) > 0 and zero3 == pytest.approx(zero2, rel=1e-4)

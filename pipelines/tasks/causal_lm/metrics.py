@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ...config import Config
-from ..common import EVAL_ACTOR_OPTIONS, PAD_ID, to_frame
+from ..common import PAD_ID, to_frame
 from ..protocol import WorkerContext
 from .data import IGNORE, LMCollate, LMData
 from .models import load_causal_lm
@@ -99,7 +99,7 @@ def evaluate_lm(model_dir: str, cfg: Config, data: LMData, teacher_dir: str, spl
     out = ds.map_batches(LMScorer, fn_constructor_kwargs={"model_dir": model_dir, "teacher_dir": teacher,
                                                           "num_threads": max(1, int(cpus))},
                          batch_size=cfg.train.eval_batch_size, batch_format="pyarrow",
-                         compute=ActorPoolStrategy(min_size=1, max_size=actors), num_cpus=cpus, **EVAL_ACTOR_OPTIONS)
+                         compute=ActorPoolStrategy(min_size=1, max_size=actors), num_cpus=cpus)
     out = to_frame(out)
     out = out[out["id"] != PAD_ID]
     tokens = max(float(out["tokens"].sum()), 1.0)

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from ...config import Config, ConfigError, stage_model_dir
-from ..common import PAD_ID, epoch_shape, load_tokenizer
+from ..common import PAD_ID, epoch_shape, eval_pool, load_tokenizer
 from ..protocol import TEACHER_STAGE, Prepared, Rows, Stage, StageMeta, WorkerContext
 from .checks import check_classification
-from .data import PadCollate, load_task, to_ray
-from .metrics import compute_metrics, evaluate_model, metric_names
+from .data import PadCollate, load_task, to_ray, with_teacher_logits
+from .metrics import compute_metrics, evaluate_model, metric_names, predict
 from .models import (
     Classifier,
     auto_class,
@@ -24,6 +24,12 @@ from .models import (
     model_kind,
 )
 from .summary import summarize
+
+
+def caches_teacher(cfg: Config) -> bool:
+    """teacher.cache_logits, with auto resolved: on for CPU jobs below ZeRO-3."""
+    mode = cfg.teacher.cache_logits
+    return mode is True or (mode == "auto" and cfg.train.zero_stage < 3 and not cfg.scaling.use_gpu)
 
 
 class ClassificationTask:
@@ -49,7 +55,21 @@ class ClassificationTask:
         return {}
 
     def before_students(self, cfg: Config, prepared: Prepared) -> None:
-        pass
+        if caches_teacher(cfg):  # one teacher pass, before any student stage or Tune trial
+            self.teacher_table(cfg, prepared)
+
+    def teacher_table(self, cfg: Config, prepared: Prepared):
+        """The tokenised training rows with the teacher's logits: one batch-inference pass (Ray Data
+        actors shaped like the workers), exact because the teacher is frozen and in eval mode."""
+        data, key = prepared.data, (prepared.teacher_dir, cfg.data.max_length)
+        if key not in data.teacher_tables:
+            tokens = data.tokenized("train", prepared.teacher_dir, cfg.data.max_length)
+            meta = self.stage_meta(cfg, prepared, Stage(TEACHER_STAGE, prepared.teacher_dir, None, cfg.train))
+            frame = predict(prepared.teacher_dir, tokens, cfg.train.eval_batch_size, **eval_pool(cfg),
+                            meta={"num_labels": meta.num_labels, "label_names": meta.label_names,
+                                  "label_token_ids": meta.label_token_ids})
+            data.teacher_tables[key] = with_teacher_logits(tokens, frame["id"].to_numpy(), list(frame["logits"]))
+        return data.teacher_tables[key]
 
     def summarize(self, cfg: Config, prepared: Prepared) -> dict:
         return summarize(prepared.data, cfg.teacher.path, cfg.data.max_length)
@@ -65,8 +85,11 @@ class ClassificationTask:
                          batches, steps, tok.pad_token_id if tok.pad_token_id is not None else 0, id_sums)
 
     def ray_datasets(self, cfg: Config, prepared: Prepared, stage: Stage) -> dict:
-        return {split: to_ray(prepared.data.tokenized(split, stage.model_path, cfg.data.max_length), cfg.scaling.num_workers)
-                for split in ("train", "validation")}
+        tables = {split: prepared.data.tokenized(split, stage.model_path, cfg.data.max_length)
+                  for split in ("train", "validation")}
+        if stage.objective is not None and caches_teacher(cfg):
+            tables["train"] = self.teacher_table(cfg, prepared)
+        return {split: to_ray(table, cfg.scaling.num_workers) for split, table in tables.items()}
 
     def build_student(self, cfg: Config, stage: Stage, meta: StageMeta):
         if stage.objective is None:  # teacher fine-tuning: the model itself
@@ -76,6 +99,8 @@ class ClassificationTask:
         return hf, Classifier(hf, meta.kind, meta.label_token_ids)
 
     def build_teacher(self, cfg: Config, stage: Stage, meta: StageMeta, ds_config_zero3: dict | None):
+        if caches_teacher(cfg):  # the training rows carry its logits
+            return None
         model = build_teacher(stage.model_path, meta.kind, meta.num_labels, meta.label_names, ds_config_zero3)
         return Classifier(model, meta.kind, meta.label_token_ids)
 
@@ -90,7 +115,9 @@ class ClassificationTask:
         if not bool(real.any()):
             return Rows(logits, None, labels, empty=True)
         teacher = None
-        if w.teacher is not None:
+        if "teacher_logits" in batch:
+            teacher = batch["teacher_logits"].to(w.device)[real]
+        elif w.teacher is not None:
             with torch.no_grad():
                 teacher = w.teacher(**inputs).float()[real]
         return Rows(logits[real], teacher, labels[real])

@@ -43,6 +43,7 @@ class ClassificationData:
     sources: dict[str, str] = field(default_factory=dict)  # split -> where its rows came from
     available: dict[str, int] = field(default_factory=dict)  # split -> rows before data.max_*_examples
     token_tables: dict = field(default_factory=dict, repr=False)  # (split, tokenizer, max_length) -> table
+    teacher_tables: dict = field(default_factory=dict, repr=False)  # (teacher, max_length) -> train + logits
 
     def sizes(self) -> dict[str, int]:
         return {k: v.num_rows for k, v in self.splits.items()}
@@ -273,6 +274,18 @@ def to_ray(table: pa.Table, num_workers: int, blocks: int | None = None):
     return ray.data.from_arrow(table, override_num_blocks=blocks)
 
 
+def with_teacher_logits(tokens: pa.Table, ids, logits) -> pa.Table:
+    """The tokenised rows with a `teacher_logits` column (fixed-size float32 lists), matched by id:
+    `ids` and `logits` (rows x classes) come in any order, every row of `tokens` must be among them."""
+    position = {int(i): k for k, i in enumerate(np.asarray(ids))}
+    missing = [int(i) for i in tokens["id"].to_numpy() if int(i) not in position]
+    if missing:
+        raise ValueError(f"teacher logits missing for {len(missing)} row id(s), e.g. {missing[:3]}")
+    logits = np.asarray(logits, dtype=np.float32)[[position[int(i)] for i in tokens["id"].to_numpy()]]
+    column = pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1)), logits.shape[1])
+    return tokens.append_column("teacher_logits", column)
+
+
 TOKENIZE_CHUNK = 10_000  # rows per tokenizer call: bounded memory for the Python lists it returns
 
 
@@ -312,4 +325,8 @@ class PadCollate(ArrowBatchCollateFn):
                "ids": torch.from_numpy(batch.column("id").to_numpy().astype(np.int64))}
         if "token_type_ids" in batch.column_names:
             out["token_type_ids"] = torch.from_numpy(padded(batch.column("token_type_ids"), 0, np.int64, ids.shape[1]))
+        if "teacher_logits" in batch.column_names:  # cached: the teacher does not run in the workers
+            column = batch.column("teacher_logits").combine_chunks()
+            values = column.flatten().to_numpy(zero_copy_only=False)
+            out["teacher_logits"] = torch.from_numpy(values.reshape(len(column), column.type.list_size).copy())
         return out

@@ -56,7 +56,8 @@ def compute_metrics(names: list[str], predictions, labels) -> dict[str, float]:
 class Predictor:
     """Ray Data callable class: an exported model, loaded once per actor, predicting padded batches."""
 
-    def __init__(self, model_dir: str, num_threads: int | None = None):
+    def __init__(self, model_dir: str, num_threads: int | None = None, meta: dict | None = None):
+        """meta: num_labels, label_names, label_token_ids (default: the model's sinkd_task.json)."""
         import torch
 
         from .data import PadCollate
@@ -64,7 +65,7 @@ class Predictor:
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        meta = read_task_file(model_dir) or {}
+        meta = meta or read_task_file(model_dir) or {}
         kind = model_kind(model_dir)
         num_labels = meta.get("num_labels") or 2
         hf = load_pretrained(model_dir, kind, num_labels, meta.get("label_names"))
@@ -83,18 +84,19 @@ class Predictor:
                 "pred": logits.argmax(-1).numpy(), "logits": logits.numpy()}
 
 
-def predict(model_dir: str, tokens, batch_size: int = 64, cpus: float = 1.0, actors: int = 1):
-    """Predictions of an exported model over a tokenised Arrow table (ClassificationData.tokenized), by
-    up to `actors` Ray Data actors of `cpus` CPUs each (as many as fit start; one is enough to finish)."""
+def predict(model_dir: str, tokens, batch_size: int = 64, cpus: float = 1.0, actors: int = 1, meta: dict | None = None):
+    """Predictions (and logits) of a model over a tokenised Arrow table (ClassificationData.tokenized),
+    by up to `actors` Ray Data actors of `cpus` CPUs each (as many as fit start; one is enough to
+    finish); meta: what Predictor needs when the model has no sinkd_task.json."""
     from ray.data import ActorPoolStrategy
 
-    from ..common import EVAL_ACTOR_OPTIONS, PAD_ID, to_frame
+    from ..common import PAD_ID, to_frame
     from .data import to_ray
 
     ds = to_ray(tokens, 1, blocks=max(1, min(64, tokens.num_rows // batch_size)))  # work for every actor
-    out = ds.map_batches(Predictor, fn_constructor_kwargs={"model_dir": model_dir, "num_threads": max(1, int(cpus))},
+    out = ds.map_batches(Predictor, fn_constructor_kwargs={"model_dir": model_dir, "num_threads": max(1, int(cpus)), "meta": meta},
                          batch_size=batch_size, batch_format="pyarrow", num_cpus=cpus,
-                         compute=ActorPoolStrategy(min_size=1, max_size=actors), **EVAL_ACTOR_OPTIONS)
+                         compute=ActorPoolStrategy(min_size=1, max_size=actors))
     frame = to_frame(out)
     frame = frame[frame["id"] != PAD_ID].sort_values("id")
     return frame

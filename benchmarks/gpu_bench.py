@@ -22,7 +22,7 @@ Parts (run in this order; e first, and a failed check stops the run with exit st
 Loss everywhere: p = softmax(z / 2), L1 cost, eps 0.1, 20 row/column normalisations with marginals
 of 1 (the paper's), loss sum(P * C), gradient wrt the student logits, fp32 logits.
 Implementations: official (benchmarks/loss_bench.py's copy of the reference formulation), pot
-(ot.sinkhorn2 on the torch backend), sinkd (sinkd.sinkhorn_loss with SinkhornConfig.paper(grad="envelope"):
+(ot.sinkhorn2 on the torch backend), sinkd (sinkd.sinkhorn_loss with SinkhornConfig.paper(grad="implicit"):
 on CUDA the L1 cost is built from the logits inside the Triton kernels, no softmax output stored),
 sinkd-unrolled (the same with the default unrolled Sinkhorn gradient, which keeps every iteration).
 """
@@ -67,15 +67,15 @@ QUICK = {"a": (40, 400), "b": (32, 600), "c_vocab": 300, "e": [(1, 37, 29, 301),
 PAPER = sinkd.SinkhornConfig.paper(eps=EPS, max_iter=ITERS, temperature=TEMP, l1_impl="triton")
 
 
-def sinkd_envelope(zs, zt):
-    return sinkd.sinkhorn_loss(zs, zt, PAPER, grad="envelope")
+def sinkd_implicit(zs, zt):
+    return sinkd.sinkhorn_loss(zs, zt, PAPER, grad="implicit")
 
 
 def sinkd_unrolled(zs, zt):
     return sinkd.sinkhorn_loss(zs, zt, PAPER)
 
 
-IMPLS = {"official": loss_bench.official, "pot": loss_bench.pot, "sinkd": sinkd_envelope, "sinkd-unrolled": sinkd_unrolled}
+IMPLS = {"official": loss_bench.official, "pot": loss_bench.pot, "sinkd": sinkd_implicit, "sinkd-unrolled": sinkd_unrolled}
 
 
 # ---------------------------------------------------------------- measurement

@@ -4,6 +4,7 @@
     sinkd eval [CONFIG.yaml] [--model DIR ...] [--split test|validation]
     sinkd export [CONFIG.yaml] [--stage NAME] [--out DIR]
     sinkd tune CONFIG.yaml SPACE.yaml [--set key=value ...]
+    sinkd compare [CONFIG.yaml] [--objectives NAME ...] [--seeds N] [--set key=value ...]
     sinkd report RUN_DIR
     sinkd submit [--address URL] [--runtime-env FILE] [--follow] train|tune ARGS...
 
@@ -51,6 +52,12 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key of the base job (repeatable)")
     verbose(u)
+    c = sub.add_parser("compare", help="objectives x seeds on one teacher: test scores, paired differences to KD")
+    common(c)
+    c.add_argument("--objectives", nargs="+", metavar="NAME",
+                   help="ce, kd, rkl, js, tvd, skew_kl, sinkd (the job's objective), sinkd_paper (the official "
+                        "code's setting) or a baseline of the job (default: ce, kd, sinkd and the baselines)")
+    c.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds per objective, counted from the job's seed (default 3)")
     r = sub.add_parser("report", help="RUN_DIR/report.md + report.png from a run directory (also a running one)")
     r.add_argument("run_dir", help="a run directory, e.g. runs/default")
     from .recipes.submit import add_parser
@@ -80,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report: {write_report(args.run_dir)}")
             return 0
         cfg = load_checked_config(args.config, args.overrides)  # one YAML parse; every check, before any work
-        return {"train": _train, "eval": _eval, "tune": _tune, "export": _export}[args.command](cfg, args)
+        return {"train": _train, "eval": _eval, "tune": _tune, "compare": _compare,
+                "export": _export}[args.command](cfg, args)
     except (ConfigError, SpaceError, FileNotFoundError) as e:
         print(f"sinkd: error: {e}", file=sys.stderr)
         return 2
@@ -120,6 +128,24 @@ def _tune(cfg, args) -> int:
     print(f"best config: {out['best_config']}  (rerun: sinkd train {out['best_config']})")
     print(f"plot: {out['plot']}")
     return 0
+
+
+def _compare(cfg, args) -> int:
+    """Exit 0 when every trial was scored, 1 when some failed (the outputs say which), 130 on Ctrl-C."""
+    from .recipes.compare import run_compare
+    from .recipes.tune import TuneInterrupted
+
+    try:
+        out = run_compare(cfg, args.objectives, args.seeds)
+    except TuneInterrupted as e:
+        print(f"sinkd: {e}", file=sys.stderr)
+        return 130
+    print()
+    print(out["table"])
+    print("\n" + "\n".join(f"{f.rsplit('.', 1)[-1]}: {f}" for f in out["files"]))
+    for t in out["failed"]:
+        print(f"sinkd: trial {t['objective']} seed {t['seed']} failed: {t['error']}", file=sys.stderr)
+    return 1 if out["failed"] else 0
 
 
 def _eval(cfg, args) -> int:

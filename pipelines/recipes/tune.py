@@ -44,9 +44,12 @@ def check_space_against_config(cfg: Config, space: TuneSpace) -> None:
                 raise SpaceError(f"space.{key}: {value!r} is not valid for the job config ({exc})") from None
 
 
-def _trial(params: dict, base: dict, prepared: Prepared) -> None:
-    """One Tune trial: the base config (checked on the driver, paths resolved) with its sampled
-    values, one TorchTrainer fit reporting to Tune. Rebuilding the config reads no file."""
+def fit_trial(params: dict, base: dict, prepared: Prepared, experiment: str = EXPERIMENT):
+    """One Tune trial's training (shared by `sinkd tune` and `sinkd compare`): the base config (checked
+    on the driver, paths resolved) with the trial's dotted-key values, run_dir set to the trial's
+    directory, one TorchTrainer fit whose epoch reports reach Tune. Rebuilding the config reads no file.
+    experiment: the Tune experiment's path below the storage root, where shared storage keeps the
+    trial's Train run. Returns (the trial's Config, the ray.train.Result)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -55,10 +58,15 @@ def _trial(params: dict, base: dict, prepared: Prepared) -> None:
         set_key(raw, key, value)
     raw["run_dir"] = tune.get_context().get_trial_dir()
     cfg = Config.from_dict(raw)
-    if cfg.ray.storage_path:  # shared storage: the trial's Train run beside its Tune results, <storage>/tune/<trial>/<stage>
-        cfg.ray.storage_path = f"{cfg.ray.storage_path.rstrip('/')}/{EXPERIMENT}/{Path(raw['run_dir']).name}"
+    if cfg.ray.storage_path:  # shared storage: the trial's Train run beside its Tune results, <storage>/<experiment>/<trial>/<stage>
+        cfg.ray.storage_path = f"{cfg.ray.storage_path.rstrip('/')}/{experiment}/{Path(raw['run_dir']).name}"
     stage = Stage(cfg.name, prepared.teacher_dir, dict(cfg.objective), cfg.train)
-    fit_stage(cfg, prepared, stage, show_progress=False, callbacks=[TuneReportCallback()])
+    return cfg, fit_stage(cfg, prepared, stage, show_progress=False, callbacks=[TuneReportCallback()])
+
+
+def _trial(params: dict, base: dict, prepared: Prepared) -> None:
+    """A `sinkd tune` trial: the sampled values, one fit (its epochs are the trial's results)."""
+    fit_trial(params, base, prepared)
 
 
 def run_tune(cfg: Config, space: TuneSpace) -> dict:

@@ -1,6 +1,6 @@
 """Throughput of the pipeline vs the same training loop without Ray, on the same data.
 
-    python benchmarks/pipeline_bench.py [CONFIG.yaml] [--set key=value ...] [--examples 512] [--workers 1 2]
+    python benchmarks/pipeline_bench.py [CONFIG.yaml] [--set key=value ...] [--examples 512] [--workers 1 2] [--floor FITS]
 
 Both sides distil the config's student from its teacher with its objective, batch size and
 sequence length, over the same first N training rows, one epoch:
@@ -93,6 +93,30 @@ def table(out: dict) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def ray_train_floor(fits: int, cpus: int) -> list[float]:
+    """Seconds from TorchTrainer.fit() to the entry of an empty train function (one worker of `cpus`
+    CPUs): Ray Train's own start-up, the floor under every stage's. (The function writes the time to
+    a file: Ray Train keeps metrics only with a checkpoint.)"""
+    import tempfile
+    from pathlib import Path
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def entered(config):
+        Path(config["file"]).write_text(str(time.time() - config["called"]))
+
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(fits):
+            file = f"{tmp}/entered_{i}"
+            TorchTrainer(entered, train_loop_config={"called": time.time(), "file": file},
+                         scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": cpus}),
+                         run_config=RunConfig(name=f"floor-{i}", storage_path=f"{tmp}/storage")).fit()
+            out.append(round(float(Path(file).read_text()), 2))
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     import ray
 
@@ -105,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--examples", type=int, default=512)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs for each side (bare threads; workers share them)")
+    p.add_argument("--floor", type=int, default=0, metavar="FITS",
+                   help="also time FITS empty TorchTrainer fits (Ray Train's start-up floor)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     base = load_checked_config(args.config, args.overrides + ["train.epochs=1", "train.checkpoint_every_steps=null",
@@ -118,6 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
            "bare": bare_loop(base, task, teacher_dir, args.cpus), "pipeline": []}
     init_local_ray(num_cpus=args.cpus + 1, object_store_memory=512 * 2**20)
     try:
+        if args.floor:
+            out["ray_train_floor_entered_s"] = ray_train_floor(args.floor, args.cpus)
         for workers in args.workers:
             cfg = copy.deepcopy(base)
             cfg.scaling.num_workers, cfg.scaling.cpus_per_worker = workers, args.cpus / workers
@@ -131,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
         row["steady_vs_bare"] = round(row["steady_examples_per_s"] / out["bare"]["examples_per_s"], 3)
     text = json.dumps(out, indent=1)
     print(table(out))
+    if args.floor:
+        print(f"Ray Train floor (fit() -> an empty train function): {out['ray_train_floor_entered_s']} s")
     print(text)
     if args.out:
         with open(args.out, "w") as f:

@@ -1,2 +1,2 @@
 """The recipes behind the `sinkd` command, one job a file: job (train), tune (+ its search spaces),
-evaluate, export, submit; session starts or joins Ray for them."""
+compare, evaluate, export, submit; session starts or joins Ray for them."""

@@ -137,10 +137,15 @@ def load_tokenizer(path: str):
 @lru_cache(maxsize=16)
 def tokenizer_identity(path: str) -> str:
     """A digest of what a tokenizer does (vocabulary, normaliser, pre-tokeniser, post-processor):
-    equal digests tokenise every text the same, whatever directory they were saved in."""
+    equal digests tokenise every text the same, whatever directory they were saved in. Truncation and
+    padding are left out: a call with truncation=True sets them on the shared tokenizer object."""
     import hashlib
+    import json
 
-    return hashlib.sha256(load_tokenizer(path).backend_tokenizer.to_str().encode()).hexdigest()[:16]
+    state = json.loads(load_tokenizer(path).backend_tokenizer.to_str())
+    state.pop("truncation", None)
+    state.pop("padding", None)
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_same_tokenizer(teacher: Path, student: Path, teacher_gguf: str | None = None,

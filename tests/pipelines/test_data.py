@@ -11,7 +11,7 @@ from pipelines.tasks import checked_config
 from pipeline_helpers import tiny_job
 
 from pipelines.tasks.classification.data import PadCollate, load_task, tokenize_batch, with_teacher_logits
-from pipelines.tasks.common import PAD_ID, DataError, batches_per_shard, padded_rows
+from pipelines.tasks.common import PAD_ID, DataError, batches_per_shard, padded_rows, tokenizer_identity
 
 
 def _cfg(tmp_path, tiny_bert, files, **data):
@@ -201,11 +201,16 @@ def test_tokenised_once_per_tokenizer_and_padded_to_the_worker_count(tmp_path, t
     whatever directory it is asked for from; to_ray pads with copies of the first row marked PAD_ID."""
     import shutil
 
+    from pipelines.tasks.common import load_tokenizer
+
+    load_tokenizer(str(tiny_bert))("a used tokenizer", truncation=True, max_length=8)  # its truncation is set
+    tokenizer_identity.cache_clear()
     task = load_task(_cfg(tmp_path, tiny_bert, sst2_small))
     first = task.tokenized("validation", str(tiny_bert), 32)
     copy_dir = tmp_path / "teacher_copy"
     shutil.copytree(tiny_bert, copy_dir)
     assert task.tokenized("validation", str(copy_dir), 32) is first  # same tokenizer digest: no second pass
+    assert tokenizer_identity(str(copy_dir)) == tokenizer_identity(str(tiny_bert))
     assert task.tokenized("validation", str(tiny_bert), 16) is not first  # another length is another table
     assert first["id"].to_pylist() == task.splits["validation"]["id"].to_pylist()
     assert first.equals(tokenize_batch(task.splits["validation"], str(tiny_bert), 32))

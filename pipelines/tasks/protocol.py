@@ -86,7 +86,7 @@ class WorkerContext(Protocol):
     stage: Stage
     world: int
 
-    def all_sum(self, values: list[float]) -> list[float]: ...
+    def all_sum(self, values) -> list[float]: ...  # a list, or a tensor on the rank's device
 
     def all_gather(self, value: Any) -> list: ...
 

@@ -278,10 +278,11 @@ def with_teacher_logits(tokens: pa.Table, ids, logits) -> pa.Table:
     """The tokenised rows with a `teacher_logits` column (fixed-size float32 lists), matched by id:
     `ids` and `logits` (rows x classes) come in any order, every row of `tokens` must be among them."""
     position = {int(i): k for k, i in enumerate(np.asarray(ids))}
-    missing = [int(i) for i in tokens["id"].to_numpy() if int(i) not in position]
+    wanted = [int(i) for i in tokens["id"].to_numpy()]
+    missing = [i for i in wanted if i not in position]
     if missing:
         raise ValueError(f"teacher logits missing for {len(missing)} row id(s), e.g. {missing[:3]}")
-    logits = np.asarray(logits, dtype=np.float32)[[position[int(i)] for i in tokens["id"].to_numpy()]]
+    logits = np.asarray(logits, dtype=np.float32)[[position[i] for i in wanted]]
     column = pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1)), logits.shape[1])
     return tokens.append_column("teacher_logits", column)
 

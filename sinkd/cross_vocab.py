@@ -564,8 +564,8 @@ def _sequence_sinkhorn(log_s, log_t, n_s, n_t, config: MultiLevelOTConfig) -> to
     cost = cost_matrix(rt, rs, "l1")  # (B, max n_t, max n_s), batched over the sequences
     # The solver's first row update starts from g = 0 on every column, padding included: a padded
     # entry costs 1000 eps more than any real one, so its kernel weight is exactly 0 (e^-1000
-    # underflows; a smaller gap leaves denormals, 30x slower on CPU) and each sequence's plan is that
-    # of its unpadded sub-problem at every iteration count.
+    # underflows in fp32 and fp64) and each sequence's plan is that of its unpadded sub-problem at
+    # every iteration count.
     real = real_t[:, :, None] & real_s[:, None, :]
     pad_cost = cost.detach().amax() + 1000 * config.eps
     cost = torch.where(real, cost, pad_cost)

@@ -427,7 +427,7 @@ def multilevel_ot_loss(
     teacher_logits: torch.Tensor,
     student_mask: torch.Tensor | None = None,
     teacher_mask: torch.Tensor | None = None,
-    config: MultiLevelOTConfig | None = None,
+    config: MultiLevelOTConfig | Mapping | None = None,
     **overrides,
 ) -> MultiLevelOTOutput:
     r"""The MultiLevelOT distillation terms [2]_ between a student and a teacher of different vocabularies.
@@ -469,8 +469,9 @@ def multilevel_ot_loss(
     student_mask, teacher_mask : Tensor of bool, shapes (B, T_s) / (B, T_t), optional
         True on the rows to compare (those whose logits predict response tokens); default all True.
         Every sequence needs a real token on both sides.
-    config : MultiLevelOTConfig, optional
-        Weights, k, temperatures and solver options (default: the paper's).
+    config : MultiLevelOTConfig or mapping, optional
+        Weights, k, temperatures and solver options (default: the paper's); a mapping goes through
+        :meth:`MultiLevelOTConfig.from_dict`.
     **overrides
         Any :class:`MultiLevelOTConfig` field, replacing the config's value, e.g. ``k=20``.
 
@@ -513,6 +514,8 @@ def multilevel_ot_loss(
     .. [3] M. Cuturi. "Sinkhorn Distances: Lightspeed Computation of Optimal Transport". NeurIPS 2013.
            arXiv:1306.0895.
     """
+    if isinstance(config, Mapping):
+        config = MultiLevelOTConfig.from_dict(config)
     config = config or MultiLevelOTConfig()
     if overrides:
         config = dataclasses.replace(config, **overrides)

@@ -267,6 +267,18 @@ def test_zero_weights_skip_their_terms_and_config_round_trips():
     assert MultiLevelOTConfig(k=np.int64(5)).k == 5 and type(MultiLevelOTConfig(k=np.int64(5)).k) is int
 
 
+def test_half_inputs_compute_in_float32_and_a_mapping_config_works():
+    zs, zt, ms, mt = random_batch(18)
+    ref = multilevel_ot_loss(zs.float(), zt.float(), ms, mt, {"k": 8})
+    out = multilevel_ot_loss(zs.half(), zt.bfloat16(), ms, mt, {"k": 8})
+    assert out.total_kd.dtype == torch.float32
+    for name in ("had", "sl", "sd"):
+        np.testing.assert_allclose(getattr(out, name).item(), getattr(ref, name).item(), rtol=2e-2)
+    loss = uld_loss(zs.half(), zt.half(), ms, mt)
+    assert loss.dtype == torch.float32
+    np.testing.assert_allclose(loss.item(), uld_loss(zs, zt, ms, mt).item(), rtol=2e-2)
+
+
 # ---- bad input --------------------------------------------------------------------------------------
 
 def test_bad_inputs_are_one_line_errors_naming_the_argument():
@@ -296,6 +308,7 @@ def test_bad_inputs_are_one_line_errors_naming_the_argument():
     one_line_error(lambda: MultiLevelOTConfig(tau_sd=0), "tau_sd must be a finite number > 0, got 0")
     one_line_error(lambda: MultiLevelOTConfig.from_dict({"lambda": 0.1, "k": 5}), "lambda: unknown key; valid: alpha, beta, eps")
     one_line_error(lambda: uld_loss(zs.long(), zt), "student_logits must be floating point", TypeError)
+    one_line_error(lambda: multilevel_ot_loss(zs, zt, ms, mt, {"iterations": 5}), "iterations: unknown key")
 
 
 def test_docstring_examples_run():

@@ -159,11 +159,11 @@ def _eval(cfg, args) -> int:
 
 
 def _export(cfg, args) -> int:
-    from .config import stage_model_dir, storage_root
+    from .config import join_storage, stage_model_dir, storage_root
     from .recipes.export import checkpoint_uri, export_checkpoint, stage_checkpoint
 
     stage = args.stage or cfg.name
-    checkpoint = stage_checkpoint(f"{storage_root(cfg).rstrip('/')}/{stage}")  # RUN_DIR/ray or ray.storage_path
+    checkpoint = stage_checkpoint(join_storage(storage_root(cfg), stage))  # RUN_DIR/ray or ray.storage_path
     out = export_checkpoint(checkpoint, args.out or stage_model_dir(cfg, stage))
     print(f"exported {checkpoint_uri(checkpoint)} -> {out}")
     return 0

@@ -69,6 +69,13 @@ def storage_root(cfg: Config) -> str:
     return cfg.ray.storage_path or str(Path(cfg.run_dir) / "ray")
 
 
+def join_storage(base: str, *parts: str) -> str:
+    """`base/part/...` for a local path or a URI; a URI's query (`?endpoint_override=...`) stays at
+    the end, where pyarrow.fs.FileSystem.from_uri (and so Ray) reads it."""
+    head, sep, query = base.partition("?") if "://" in base else (base, "", "")
+    return "/".join([head.rstrip("/"), *(p.strip("/") for p in parts)]) + sep + query
+
+
 def stage_model_dir(cfg: Config, stage: str) -> Path:
     """Where a stage's trained model is exported: RUN_DIR/models/<stage>."""
     return Path(cfg.run_dir) / "models" / stage

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from ..config import Config, ConfigError, model_config, stage_model_dir, teacher_train_config
+from ..config import (Config, ConfigError, join_storage, model_config, stage_model_dir, storage_root,
+                      teacher_train_config)
 from ..tasks import Prepared, Stage, get_task
 from ..tasks.common import TASK_FILE, eval_pool
 from ..tasks.protocol import TEACHER_STAGE as TEACHER
@@ -24,6 +25,7 @@ from ..train.fit import fit_stage
 from .export import export_checkpoint
 from .report import model_row, write_report
 from .session import ray_session
+from .storage import Claim, check_claim, diff_keys, probe_storage, storage_key, storage_owner, write_claim
 
 
 @dataclasses.dataclass
@@ -67,6 +69,7 @@ def plan_job(cfg: Config) -> Plan:
     students.update({name: {**cfg.objective, **over} for name, over in cfg.baselines.items()})
     plan = Plan(cfg, prepared, students, task.summarize(cfg, prepared))
     _check_fingerprints(plan)
+    check_storage(plan)
     return plan
 
 
@@ -84,27 +87,41 @@ def _fingerprint_file(cfg: Config, name: str) -> Path:
     return Path(cfg.run_dir) / "stages" / f"{name}.json"
 
 
+def _stage_names(plan: Plan) -> list[str]:
+    return ([TEACHER] if plan.finetune else []) + list(plan.students)
+
+
 def _check_fingerprints(plan: Plan) -> None:
     """A run_dir holding a stage trained with other settings is refused, never silently mixed or lost."""
-    names = ([TEACHER] if plan.finetune else []) + list(plan.students)
-    for name in names:
+    for name in _stage_names(plan):
         path = _fingerprint_file(plan.cfg, name)
         if not path.is_file():
             continue
         old, new = json.loads(path.read_text()), json.loads(json.dumps(_stage_fingerprint(plan, name)))
         if old != new:
-            changed = _diff(old, new)
+            changed = diff_keys(old, new)
             raise ConfigError(f"run_dir: stage '{name}' in {plan.cfg.run_dir} was trained with other settings "
                               f"({', '.join(changed[:4])} changed); use a new run_dir")
 
 
-def _diff(old, new, prefix="") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new)):
-            out += _diff(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else k)
-        return out
-    return [] if old == new else [prefix or "value"]
+def stage_storage(cfg: Config, name: str) -> str:
+    """Where Ray Train persists a stage: <ray.storage_path or RUN_DIR/ray>/<stage>."""
+    return join_storage(storage_root(cfg), name)
+
+
+def stage_claim(plan: Plan, name: str) -> Claim:
+    """The marker a stage's storage folder carries: this run_dir and the stage's fingerprint."""
+    return Claim(f"stage '{name}'", storage_owner(plan.cfg), _stage_fingerprint(plan, name))
+
+
+def check_storage(plan: Plan) -> None:
+    """ray.storage_path can be written, and no stage of this job would resume another run's
+    checkpoints there (Ray resumes whatever it finds under <storage>/<stage>)."""
+    cfg = plan.cfg
+    if cfg.ray.storage_path:
+        probe_storage(cfg.ray.storage_path)
+    for name in _stage_names(plan):
+        check_claim(stage_storage(cfg, name), stage_claim(plan, name), storage_key(cfg))
 
 
 def prepare_run_dir(cfg: Config) -> None:
@@ -135,6 +152,7 @@ def _run_stage(plan: Plan, stage, show_progress: bool) -> dict:
         return {**info, "reused": True}
     fp.parent.mkdir(parents=True, exist_ok=True)
     fp.write_text(json.dumps(_stage_fingerprint(plan, stage.name), indent=1))
+    write_claim(stage_storage(cfg, stage.name), stage_claim(plan, stage.name), storage_key(cfg))
     tick = time.time()
     result = fit_stage(cfg, plan.prepared, stage, show_progress=show_progress)
     export_checkpoint(result.checkpoint, out)  # through Ray's Checkpoint: remote storage too

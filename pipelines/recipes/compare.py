@@ -18,13 +18,14 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from ..config import Config, ConfigError, objective_config, stage_model_dir
+from ..config import Config, ConfigError, join_storage, objective_config, stage_model_dir
 from ..tasks import Prepared, get_task
 from ..tasks.common import eval_pool
 from .export import export_checkpoint
 from .job import plan_job, prepare_run_dir, prepare_teacher
 from .session import ray_session
-from .tune import TuneInterrupted, fit_trial
+from .storage import Claim, check_claim, storage_key, storage_owner, write_claim
+from .tune import TuneInterrupted, experiment_storage, fit_trial
 
 FOLDER = "compare"  # RUN_DIR/compare: the outputs, with Tune's experiment in compare/trials
 EXPERIMENT = f"{FOLDER}/trials"
@@ -306,13 +307,13 @@ def run_trials(cfg: Config, prepared: Prepared, objectives: dict, seeds: list[in
     trainable = tune.with_resources(
         tune.with_parameters(compare_trial, base=base, prepared=prepared, objectives=objectives), {"CPU": 0.01})
     space = {"objective": tune.grid_search(list(objectives)), "seed": tune.grid_search(seeds)}
-    path = f"{storage}/{EXPERIMENT}"
+    path = join_storage(storage, EXPERIMENT)
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, param_space=space)
     else:
         tuner = tune.Tuner(trainable, param_space=space,
                            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency(cfg)),
-                           run_config=tune.RunConfig(name=Path(EXPERIMENT).name, storage_path=f"{storage}/{FOLDER}",
+                           run_config=tune.RunConfig(name=Path(EXPERIMENT).name, storage_path=join_storage(storage, FOLDER),
                                                      verbose=0, callbacks=[TrialLines()]))
     grid = tuner.fit()
     total = len(objectives) * len(seeds)
@@ -330,13 +331,16 @@ def run_compare(cfg: Config, names: list[str] | None = None, seeds: int = 3) -> 
     out_dir = Path(cfg.run_dir).resolve() / FOLDER
     wanted = request(cfg, objectives, seed_values)
     check_request(out_dir, wanted)
+    storage, trials_path = experiment_storage(cfg, EXPERIMENT)
+    claim = Claim("the comparison's trials", storage_owner(cfg), wanted)
+    check_claim(trials_path, claim, storage_key(cfg))  # Tuner.restore would resume another comparison
     done = finished_report(out_dir, wanted)
     if done is not None:  # a finished comparison reruns in seconds, without Ray
         return write_outputs(done, out_dir)
     prepare_run_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "request.json").write_text(json.dumps(wanted, indent=1))
-    storage = (cfg.ray.storage_path or str(Path(cfg.run_dir).resolve())).rstrip("/")
+    write_claim(trials_path, claim, storage_key(cfg))
     with ray_session(cfg, extra_cpus=1):  # the trial drivers' 0.01 CPU each, which only wait
         prepare_teacher(plan)  # fine-tuning if planned, then the teacher's logits once
         results = run_trials(cfg, plan.prepared, objectives, seed_values, storage)

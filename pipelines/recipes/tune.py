@@ -9,6 +9,7 @@ not stop the others; rerunning the same command resumes an interrupted tuning ru
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -16,11 +17,12 @@ from pathlib import Path
 
 import yaml
 
-from ..config import Config, ConfigError, set_key
+from ..config import Config, ConfigError, join_storage, set_key
 from ..tasks import Prepared, Stage, checked_config
 from ..train.fit import fit_stage
 from .job import plan_job, prepare_run_dir, prepare_teacher
 from .session import ray_session
+from .storage import Claim, check_claim, storage_key, storage_owner, write_claim
 from .tune_space import SpaceError, TuneSpace
 
 EXPERIMENT = "tune"
@@ -59,7 +61,7 @@ def fit_trial(params: dict, base: dict, prepared: Prepared, experiment: str = EX
     raw["run_dir"] = tune.get_context().get_trial_dir()
     cfg = Config.from_dict(raw)
     if cfg.ray.storage_path:  # shared storage: the trial's Train run beside its Tune results, <storage>/<experiment>/<trial>/<stage>
-        cfg.ray.storage_path = f"{cfg.ray.storage_path.rstrip('/')}/{experiment}/{Path(raw['run_dir']).name}"
+        cfg.ray.storage_path = join_storage(cfg.ray.storage_path, experiment, Path(raw["run_dir"]).name)
     stage = Stage(cfg.name, prepared.teacher_dir, dict(cfg.objective), cfg.train)
     return cfg, fit_stage(cfg, prepared, stage, show_progress=False, callbacks=[TuneReportCallback()])
 
@@ -69,13 +71,30 @@ def _trial(params: dict, base: dict, prepared: Prepared) -> None:
     fit_trial(params, base, prepared)
 
 
+def experiment_storage(cfg: Config, experiment: str) -> tuple[str, str]:
+    """(Tune's storage_path, the experiment's folder): ray.storage_path (URI or dir) or RUN_DIR."""
+    storage = cfg.ray.storage_path or str(Path(cfg.run_dir).resolve())
+    return storage, join_storage(storage, experiment)
+
+
+def tune_claim(cfg: Config, space: TuneSpace) -> Claim:
+    """The marker of a Tune experiment: a rerun of the same request resumes it, another is refused
+    (Tuner.restore would resume the other request's trials). ray.* and run_dir are where, not what."""
+    job = {k: v for k, v in cfg.to_dict().items() if k not in ("ray", "run_dir")}
+    return Claim("the Tune experiment", storage_owner(cfg), {"space": dataclasses.asdict(space), "job": job})
+
+
 def run_tune(cfg: Config, space: TuneSpace) -> dict:
     """Prepare the teacher, run (or resume) the trials, write the table, best config and plots."""
     from ray import tune
 
     check_space_against_config(cfg, space)
     plan = plan_job(cfg)
+    storage, path = experiment_storage(cfg, EXPERIMENT)
+    claim = tune_claim(cfg, space)
+    check_claim(path, claim, storage_key(cfg))
     prepare_run_dir(cfg)
+    write_claim(path, claim, storage_key(cfg))
     out_dir = Path(cfg.run_dir).resolve()
     # A trial driver's CPU share (0.01 by default) would leave Ray Data less than the whole CPU its
     # tasks need beside the training workers, and the first epoch would wait forever on a local Ray.
@@ -86,8 +105,6 @@ def run_tune(cfg: Config, space: TuneSpace) -> dict:
             tune.with_parameters(_trial, base=cfg.to_dict(), prepared=plan.prepared),
             {k.upper() if k in ("cpu", "gpu") else k: v for k, v in space.trial_resources.items()},
         )
-        storage = (cfg.ray.storage_path or str(out_dir)).rstrip("/")  # shared storage (URI or dir) or RUN_DIR
-        path = f"{storage}/{EXPERIMENT}"
         if tune.Tuner.can_restore(path):
             tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True,
                                        param_space=space.param_space())

@@ -79,9 +79,11 @@ def experiment_storage(cfg: Config, experiment: str) -> tuple[str, str]:
 
 def tune_claim(cfg: Config, space: TuneSpace) -> Claim:
     """The marker of a Tune experiment: a rerun of the same request resumes it, another is refused
-    (Tuner.restore would resume the other request's trials). ray.* and run_dir are where, not what."""
-    job = {k: v for k, v in cfg.to_dict().items() if k not in ("ray", "run_dir")}
-    return Claim("the Tune experiment", storage_owner(cfg), {"space": dataclasses.asdict(space), "job": job})
+    (Tuner.restore would resume the other request's trials). Where it runs (ray.*, run_dir) and how
+    many trials at once are not what it computes; the rest of the job is, as for `sinkd compare`."""
+    job = {k: v for k, v in cfg.to_dict().items() if k not in ("ray", "run_dir", "name", "baselines")}
+    search = {k: v for k, v in dataclasses.asdict(space).items() if k not in ("trial_resources", "max_concurrent_trials")}
+    return Claim("the Tune experiment", storage_owner(cfg), {"space": search, "job": job})
 
 
 def run_tune(cfg: Config, space: TuneSpace) -> dict:

@@ -213,6 +213,8 @@ def test_a_tune_experiment_in_a_reused_run_dir_is_refused(job, monkeypatch):
     monkeypatch.setattr(tune, "ray_session", _refuse_ray)
     with pytest.raises(RayWouldStart):
         tune.run_tune(_cfg(raw), parse_space(SPACE))
+    with pytest.raises(RayWouldStart):  # more trials at once: the same experiment, resumed
+        tune.run_tune(_cfg(raw), parse_space({**SPACE, "max_concurrent_trials": 2}))
     message = _error(tune.run_tune, _cfg(raw), parse_space({**SPACE, "space": {"objective.beta": {"choice": [0.1]}}}))
     assert message.startswith(f"run_dir: {raw['run_dir']}/tune holds the Tune experiment of another run (space.space.")
 

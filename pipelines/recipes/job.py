@@ -115,13 +115,14 @@ def stage_claim(plan: Plan, name: str) -> Claim:
 
 
 def check_storage(plan: Plan) -> None:
-    """ray.storage_path can be written, and no stage of this job would resume another run's
+    """ray.storage_path can be written, and no stage this job will train would resume another run's
     checkpoints there (Ray resumes whatever it finds under <storage>/<stage>)."""
     cfg = plan.cfg
     if cfg.ray.storage_path:
         probe_storage(cfg.ray.storage_path)
     for name in _stage_names(plan):
-        check_claim(stage_storage(cfg, name), stage_claim(plan, name), storage_key(cfg))
+        if not _stage_done(cfg, name):  # a stage reused from run_dir never reads the storage
+            check_claim(stage_storage(cfg, name), stage_claim(plan, name), storage_key(cfg))
 
 
 def prepare_run_dir(cfg: Config) -> None:

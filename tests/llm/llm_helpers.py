@@ -28,3 +28,15 @@ def make_tiny_llama(path: Path, tokenizer_dir: Path, layers: int = 2, hidden: in
     LlamaForCausalLM(conf).save_pretrained(path)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
     return path
+
+
+def byte_level_bytes(tokenizer, ids) -> int:
+    """Reference byte count for a byte-level BPE: every symbol of a token stands for one byte (GPT-2's
+    alphabet: printable Latin-1 characters as themselves, the other bytes as chr(256 + n)); special
+    tokens spell nothing."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    alphabet = {chr(c) for c in printable} | {chr(256 + n) for n in range(256 - len(printable))}
+    special = set(tokenizer.all_special_ids)
+    tokens = [t for i, t in zip(ids, tokenizer.convert_ids_to_tokens(ids)) if i not in special]
+    assert all(set(t) <= alphabet for t in tokens), tokens  # a byte-level vocabulary
+    return sum(len(t) for t in tokens)

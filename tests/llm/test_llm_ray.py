@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from llm_helpers import byte_level_bytes
 
 from pipelines.config import set_key
 from pipelines.tasks import checked_config
@@ -131,6 +132,7 @@ def plain_scores(raw: dict, model_dir: str, teacher_dir: str) -> dict:
     from pipelines.tasks import get_task
     from pipelines.tasks.causal_lm.data import IGNORE, LMCollate
     from pipelines.tasks.causal_lm.models import load_causal_lm
+    from transformers import AutoTokenizer
 
     cfg = checked_config(raw)
     table = get_task(cfg.task_type).prepare(cfg).data.splits["test"]
@@ -142,7 +144,9 @@ def plain_scores(raw: dict, model_dir: str, teacher_dir: str) -> dict:
     labels = batch["labels"][:, 1:]
     real = labels != IGNORE
     nll = F.cross_entropy(zs[real], labels[real], reduction="sum").item()
-    return {"perplexity": math.exp(nll / real.sum().item()),
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    text_bytes = sum(byte_level_bytes(tok, row[1:][real_row].tolist()) for row, real_row in zip(batch["input_ids"], real))
+    return {"perplexity": math.exp(nll / real.sum().item()), "bits_per_byte": nll / math.log(2) / text_bytes,
             "top1_agreement": (zs.argmax(-1) == zt.argmax(-1))[real].float().mean().item()}
 
 
@@ -152,6 +156,7 @@ def check_run(results: dict, raw: dict, steps: int):
     assert teacher["test"]["top1_agreement"] == 1.0
     reference = plain_scores(raw, sinkd["path"], teacher["path"])
     assert sinkd["test"]["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-4)
+    assert sinkd["test"]["bits_per_byte"] == pytest.approx(reference["bits_per_byte"], rel=1e-4)
     assert sinkd["test"]["top1_agreement"] == pytest.approx(reference["top1_agreement"], abs=1e-6)
     assert math.isfinite(sinkd["val"]["perplexity"]) and sinkd["val"]["tokens"] == 2 * 7
     assert sinkd["layers"] == 2

@@ -9,6 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from llm_helpers import byte_level_bytes
+
 from pipelines.tasks import checked_config
 from pipelines.tasks.common import DataError
 from pipelines.tasks.causal_lm.data import IGNORE, LMCollate, pack_blocks, pad_table, prompt_response_row
@@ -142,3 +144,22 @@ def test_packed_wiki_task_carves_whole_documents(tmp_path, tiny_llama, wiki_path
         assert table.column("id").to_pylist() == list(range(table.num_rows))
     train = {tuple(r) for r in task.splits["train"].column("input_ids").to_pylist()}
     assert not train & {tuple(r) for r in task.splits["test"].column("input_ids").to_pylist()}
+
+
+def test_label_bytes_count_the_utf8_of_the_predicted_text(tiny_llama):
+    """Bits per byte divides by these: the predicted tokens' text (positions 1.., labels not -100), in
+    UTF-8 bytes, multi-byte characters split across tokens included; EOS spells no bytes."""
+    from pipelines.tasks.causal_lm.metrics import label_bytes
+    from pipelines.tasks.common import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_llama))
+    text = "The café's crème brûlée — 東京 ✓ costs 5€."
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    first = len(tok.decode(ids[:1]).encode("utf-8"))  # "The": never predicted
+    prompt, response = tok("Q: où?", add_special_tokens=False)["input_ids"], tok(" Ça va.", add_special_tokens=False)["input_ids"]
+    table = pa.table({"input_ids": pa.array([ids, prompt + response], pa.list_(pa.int32())),
+                      "labels": pa.array([ids, [IGNORE] * len(prompt) + response], pa.list_(pa.int32()))})
+    got = label_bytes(tok, table).tolist()
+    assert got == [len(text.encode("utf-8")) - first, len(" Ça va.".encode("utf-8"))]
+    assert got == [byte_level_bytes(tok, ids[1:]), byte_level_bytes(tok, response)]
+    assert got[0] > len(tok.decode(ids[1:], skip_special_tokens=True))  # bytes, not characters

@@ -92,15 +92,20 @@ def check_logit_values(field: str, logits: torch.Tensor) -> None:
         raise ValueError(f"{field} row {row} is -inf everywhere: no token has probability > 0")
 
 
+def check_logit_tensor(field: str, t, dims_ok, shape: str) -> None:
+    """A floating-point tensor whose number of dimensions passes `dims_ok`; `shape` says which in the error."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{field} must be a torch.Tensor, got {type(t).__name__}")
+    if not dims_ok(t.dim()):
+        raise ValueError(f"{field} must have shape {shape}, got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{field} must be floating point, got {t.dtype}")
+
+
 def check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
     """Shapes agree (same rows, same vocabulary), at least (N, V), values finite or -inf (masked tokens)."""
     for field, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{field} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() < 2:
-            raise ValueError(f"{field} must have shape (N, V) or (B, L, V), got {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{field} must be floating point, got {t.dtype}")
+        check_logit_tensor(field, t, lambda d: d >= 2, "(N, V) or (B, L, V)")
     if student_logits.shape[-1] != teacher_logits.shape[-1]:
         raise ValueError(
             f"vocabulary mismatch: student_logits has V={student_logits.shape[-1]}, "

@@ -82,6 +82,7 @@ from ._checks import (
     at_least_float32,
     check_choice,
     check_int_at_least,
+    check_logit_tensor,
     check_logit_values,
     check_nonnegative,
     check_positive,
@@ -175,12 +176,10 @@ def ranked_probs(logits: torch.Tensor, k: int | None, temperature: float = 1.0, 
 
 def _check_logit_tensor(field: str, t, batched: bool = True) -> None:
     """A floating tensor of shape (B, T, V) (batched) or (..., V), V >= 1."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{field} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{field} must be floating point, got {t.dtype}")
-    if (t.dim() != 3) if batched else (t.dim() < 1):
-        raise ValueError(f"{field} must have shape {'(B, T, V)' if batched else '(..., V)'}, got {tuple(t.shape)}")
+    if batched:
+        check_logit_tensor(field, t, lambda d: d == 3, "(B, T, V)")
+    else:
+        check_logit_tensor(field, t, lambda d: d >= 1, "(..., V)")
     if t.shape[-1] == 0:
         raise ValueError(f"{field} has an empty vocabulary dimension: shape {tuple(t.shape)}")
 

@@ -11,7 +11,6 @@ one is rebuilt from compare.json without Ray.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
@@ -25,7 +24,7 @@ from .export import export_checkpoint
 from .job import plan_job, prepare_run_dir, prepare_teacher
 from .session import ray_session
 from .storage import Claim, check_claim, storage_key, storage_owner, write_claim
-from .tune import TuneInterrupted, experiment_storage, fit_trial
+from .tune import TuneInterrupted, experiment_storage, fit_trial, trial_inputs
 
 FOLDER = "compare"  # RUN_DIR/compare: the outputs, with Tune's experiment in compare/trials
 EXPERIMENT = f"{FOLDER}/trials"
@@ -212,14 +211,14 @@ def markdown(report: dict) -> str:
 # ----------------------------------------------------------------------------- the trial
 
 
-def compare_trial(params: dict, base: dict, prepared: Prepared, objectives: dict) -> None:
+def compare_trial(params: dict, base: dict, prepared: Prepared, objectives: dict, teacher: str) -> None:
     """One objective at one seed: fit (fit_trial: its epochs are the trial's first results), export
     the final checkpoint, score it on the test split, and report the scores as the last result."""
     from ray import tune
 
     name = params["objective"]
     cfg, result = fit_trial({"name": name, "objective": objectives[name], "seed": params["seed"]},
-                            base, prepared, experiment=EXPERIMENT)
+                            base, prepared, experiment=EXPERIMENT, teacher=teacher)
     model_dir = export_checkpoint(result.checkpoint, stage_model_dir(cfg, name))
     scores = get_task(cfg.task_type).evaluate(str(model_dir), cfg, prepared, "test", **eval_pool(cfg))
     tune.report({"phase": "test", **{f"test_{k}": v for k, v in scores.items()}})
@@ -302,10 +301,10 @@ def run_trials(cfg: Config, prepared: Prepared, objectives: dict, seeds: list[in
     """The objective x seed grid as Tune trials (restored when the experiment exists); the results."""
     from ray import tune
 
-    base = copy.deepcopy(cfg.to_dict())
+    base, teacher = trial_inputs(cfg, prepared.teacher_dir)
     base["baselines"] = {}  # each trial is one stage named after its objective
-    trainable = tune.with_resources(
-        tune.with_parameters(compare_trial, base=base, prepared=prepared, objectives=objectives), {"CPU": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(
+        compare_trial, base=base, prepared=prepared, objectives=objectives, teacher=teacher), {"CPU": 0.01})
     space = {"objective": tune.grid_search(list(objectives)), "seed": tune.grid_search(seeds)}
     path = join_storage(storage, EXPERIMENT)
     if tune.Tuner.can_restore(path):

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import uuid
-from pathlib import Path
 
 from ..config import Config, ConfigError
+from ..config.uris import is_local_fs, open_storage, short_reason, shown
 
 MARKER = "sinkd_owner.json"
 PROBE_PREFIX = ".sinkd_write_probe_"
@@ -49,39 +48,6 @@ def storage_owner(cfg: Config) -> str | None:
     return cfg.run_dir if cfg.ray.storage_path else None
 
 
-def shown(uri: str) -> str:
-    """A URI for messages: without its query, which may carry access_key / secret_key."""
-    return uri.partition("?")[0] if "://" in uri else uri
-
-
-def short_reason(exc: BaseException) -> str:
-    """pyarrow's error in a few words: `AWS Error NO_SUCH_BUCKET during ...: The specified bucket
-    does not exist (Request ID: ...)` -> `NO_SUCH_BUCKET: The specified bucket does not exist`."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    aws = re.search(r"AWS Error (\w+) during \w+ operation:\s*(.*)", text)
-    if aws:
-        text = f"{aws.group(1)}: {aws.group(2)}".rstrip(": ")
-    text = re.sub(r"\s*\(Request ID: [^)]*\)", "", text)
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-def open_storage(uri: str, key: str = "ray.storage_path"):
-    """(pyarrow filesystem, path on it) for a local path or a URI, as Ray resolves it."""
-    import pyarrow.fs
-
-    target = uri if "://" in uri else str(Path(uri).expanduser().resolve())
-    try:
-        return pyarrow.fs.FileSystem.from_uri(target)
-    except (OSError, ValueError) as e:  # ValueError: pyarrow's ArrowInvalid (unknown scheme, bad query)
-        raise ConfigError(f"{key}: cannot open {shown(uri)} ({short_reason(e)})") from None
-
-
-def _is_local(fs) -> bool:
-    import pyarrow.fs
-
-    return isinstance(fs, pyarrow.fs.LocalFileSystem)
-
-
 def probe_storage(uri: str, key: str = "ray.storage_path") -> None:
     """Write and delete one uniquely named object under `uri`; a ConfigError names `key` otherwise.
     A local folder that does not exist yet is left alone: check_cluster checked it can be created,
@@ -89,7 +55,7 @@ def probe_storage(uri: str, key: str = "ray.storage_path") -> None:
     import pyarrow.fs
 
     fs, path = open_storage(uri, key)
-    if _is_local(fs) and fs.get_file_info(path).type != pyarrow.fs.FileType.Directory:
+    if is_local_fs(fs) and fs.get_file_info(path).type != pyarrow.fs.FileType.Directory:
         return
     probe = f"{path.rstrip('/')}/{PROBE_PREFIX}{uuid.uuid4().hex}"
     try:

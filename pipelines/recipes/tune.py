@@ -19,7 +19,7 @@ import yaml
 
 from ..config import Config, ConfigError, join_storage, set_key
 from ..tasks import Prepared, Stage, checked_config
-from ..train.fit import fit_stage
+from ..train.fit import fit_stage, shipped_inputs
 from .job import plan_job, prepare_run_dir, prepare_teacher
 from .session import ray_session
 from .storage import Claim, check_claim, storage_key, storage_owner, write_claim
@@ -46,12 +46,13 @@ def check_space_against_config(cfg: Config, space: TuneSpace) -> None:
                 raise SpaceError(f"space.{key}: {value!r} is not valid for the job config ({exc})") from None
 
 
-def fit_trial(params: dict, base: dict, prepared: Prepared, experiment: str = EXPERIMENT):
+def fit_trial(params: dict, base: dict, prepared: Prepared, experiment: str = EXPERIMENT, teacher: str | None = None):
     """One Tune trial's training (shared by `sinkd tune` and `sinkd compare`): the base config (checked
     on the driver, paths resolved) with the trial's dotted-key values, run_dir set to the trial's
     directory, one TorchTrainer fit whose epoch reports reach Tune. Rebuilding the config reads no file.
     experiment: the Tune experiment's path below the storage root, where shared storage keeps the
-    trial's Train run. Returns (the trial's Config, the ray.train.Result)."""
+    trial's Train run. teacher: the teacher's reference from trial_inputs (default prepared.teacher_dir).
+    Returns (the trial's Config, the ray.train.Result)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -62,13 +63,21 @@ def fit_trial(params: dict, base: dict, prepared: Prepared, experiment: str = EX
     cfg = Config.from_dict(raw)
     if cfg.ray.storage_path:  # shared storage: the trial's Train run beside its Tune results, <storage>/<experiment>/<trial>/<stage>
         cfg.ray.storage_path = join_storage(cfg.ray.storage_path, experiment, Path(raw["run_dir"]).name)
-    stage = Stage(cfg.name, prepared.teacher_dir, dict(cfg.objective), cfg.train)
+    stage = Stage(cfg.name, teacher or prepared.teacher_dir, dict(cfg.objective), cfg.train)
     return cfg, fit_stage(cfg, prepared, stage, show_progress=False, callbacks=[TuneReportCallback()])
 
 
-def _trial(params: dict, base: dict, prepared: Prepared) -> None:
+def _trial(params: dict, base: dict, prepared: Prepared, teacher: str) -> None:
     """A `sinkd tune` trial: the sampled values, one fit (its epochs are the trial's results)."""
-    fit_trial(params, base, prepared)
+    fit_trial(params, base, prepared, teacher=teacher)
+
+
+def trial_inputs(cfg: Config, teacher_dir: str) -> tuple[dict, str]:
+    """The trials' base config and teacher with every model folder as a reference a trial on any node
+    can read (uploaded once to an object-store ray.storage_path: a trial may run where the driver's
+    disk is not), on the driver, after the teacher is prepared."""
+    shipped, stage = shipped_inputs(cfg, Stage(cfg.name, teacher_dir, None, cfg.train))
+    return shipped.to_dict(), stage.model_path
 
 
 def experiment_storage(cfg: Config, experiment: str) -> tuple[str, str]:
@@ -103,8 +112,9 @@ def run_tune(cfg: Config, space: TuneSpace) -> dict:
     driver_cpus = math.ceil(space.trial_resources.get("cpu", 0) * space.max_concurrent_trials)
     with ray_session(cfg, extra_cpus=driver_cpus):
         prepare_teacher(plan)
+        base, teacher = trial_inputs(cfg, plan.teacher_dir)
         trainable = tune.with_resources(
-            tune.with_parameters(_trial, base=cfg.to_dict(), prepared=plan.prepared),
+            tune.with_parameters(_trial, base=base, prepared=plan.prepared, teacher=teacher),
             {k.upper() if k in ("cpu", "gpu") else k: v for k, v in space.trial_resources.items()},
         )
         if tune.Tuner.can_restore(path):

@@ -104,9 +104,17 @@ def epoch_batches(shard, batch_size: int, collate, seed: int, epoch: int, shuffl
 
 
 def eval_pool(cfg: Config) -> dict:
-    """Batch-inference actors shaped like the training workers (one per worker, its CPUs each), so
-    that each fits wherever a worker did; one asking for all the workers' CPUs might fit on no node."""
-    return {"cpus": max(1.0, cfg.scaling.cpus_per_worker), "actors": cfg.scaling.num_workers}
+    """Batch-inference actors shaped like the training workers (one per worker, its CPUs each, and its
+    GPU when the job trains on GPUs), so that each fits wherever a worker did; one asking for all the
+    workers' CPUs might fit on no node."""
+    s = cfg.scaling
+    return {"cpus": max(1.0, s.cpus_per_worker), "actors": s.num_workers,
+            "gpus": s.gpus_per_worker if s.use_gpu else 0.0}
+
+
+def actor_resources(cpus: float, gpus: float) -> dict:
+    """map_batches' resource arguments for one inference actor (num_gpus only when it asks for one)."""
+    return {"num_cpus": cpus, **({"num_gpus": gpus} if gpus else {})}
 
 
 def to_frame(ds):

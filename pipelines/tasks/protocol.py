@@ -135,8 +135,9 @@ class Task(Protocol):
 
     # ---- driver: after training
     def evaluate(self, model_dir: str, cfg: Config, prepared: Prepared, split: str,
-                 cpus: float = 1.0, actors: int = 1) -> dict:
-        """Scores of an exported model on a split (Ray Data batch inference)."""
+                 cpus: float = 1.0, actors: int = 1, gpus: float = 0.0) -> dict:
+        """Scores of an exported model on a split (Ray Data batch inference; up to `actors` actors of
+        `cpus` CPUs and `gpus` GPUs each: common.eval_pool)."""
 
     def model_class(self, kind: str) -> type:
         """The transformers Auto class an exported model of this kind loads with."""

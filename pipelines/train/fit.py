@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..config import Config, storage_root
 from ..tasks import Prepared, Stage, get_task
+from ..tasks.shipping import fetch, ship
 from .worker import train_loop_per_worker
 
 
@@ -32,6 +33,14 @@ def ingest_config(num_workers: int):
                       execution_options=ExecutionOptions(preserve_order=True))
 
 
+def shipped_inputs(cfg: Config, stage: Stage) -> tuple[Config, Stage]:
+    """The config and stage with the model folders workers read (the stage's model, a pretrained
+    student) as references every node can fetch: uploaded to an object-store ray.storage_path once."""
+    student = dataclasses.replace(cfg.student, path=ship(cfg.student.path, cfg, "student.path"))
+    return (dataclasses.replace(cfg, student=student),
+            dataclasses.replace(stage, model_path=ship(stage.model_path, cfg)))
+
+
 def fit_stage(cfg: Config, prepared: Prepared, stage: Stage, show_progress: bool = True, callbacks: list | None = None):
     """Run one stage with Ray Train; returns the ray.train.Result (checkpoint = the final epoch's).
     callbacks: Ray Train UserCallbacks (Tune's TuneReportCallback when a trial runs this stage)."""
@@ -44,7 +53,9 @@ def fit_stage(cfg: Config, prepared: Prepared, stage: Stage, show_progress: bool
 
     DataContext.get_current().enable_progress_bars = False  # the ProgressUI below is this stage's bar
     task = get_task(cfg.task_type)
-    meta = task.stage_meta(cfg, prepared, stage)
+    cfg, stage = shipped_inputs(cfg, stage)
+    here = dataclasses.replace(stage, model_path=fetch(stage.model_path))  # this process reads the files
+    meta = task.stage_meta(cfg, prepared, here)
     s, t = cfg.scaling, stage.train
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {}), **s.worker_resources}
     log = ProgressLog.remote()
@@ -60,7 +71,7 @@ def fit_stage(cfg: Config, prepared: Prepared, stage: Stage, show_progress: bool
                              callbacks=callbacks,
                              worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if s.use_gpu else "cpu",
                                                               "TOKENIZERS_PARALLELISM": "false"}}),
-        datasets=task.ray_datasets(cfg, prepared, stage),
+        datasets=task.ray_datasets(cfg, prepared, here),
         dataset_config=ingest_config(s.num_workers),
     )
     tb, total = Path(cfg.run_dir) / "tb" / stage.name, meta.steps_per_epoch * t.epochs

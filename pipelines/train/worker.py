@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..config import Config, TrainConfig, build_dataclass, objective_config
 from ..tasks.common import PAD_ID, TASK_FILE, epoch_batches, load_tokenizer
+from ..tasks.shipping import fetch
 from ..tasks.protocol import Stage, StageMeta, Task
 from .engine import deepspeed_config, place_teacher, student_engine
 from .files import DS_TAG, META_DIR, STATE_FILE
@@ -144,6 +145,7 @@ def setup(payload: dict) -> Worker:
     task: Task = payload["task"]
     cfg = Config.from_dict(payload["config"])  # checked on the driver; typing only here
     stage = Stage(**{**payload["stage"], "train": build_dataclass(TrainConfig, payload["stage"]["train"], "")})
+    stage.model_path, cfg.student.path = fetch(stage.model_path), fetch(cfg.student.path)  # node-local copies
     meta, t = StageMeta(**payload["meta"]), stage.train
     ctx = ray.train.get_context()
     ds_config = deepspeed_config(t, meta.steps_per_epoch * t.epochs, cfg.scaling.use_gpu)

@@ -7,6 +7,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "pipelines"))  # pipeline_helpers.tiny_job
 
@@ -15,3 +17,8 @@ _fixtures = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_fixtures)
 minilm, tiny_bert, sst2_small = _fixtures.minilm, _fixtures.tiny_bert, _fixtures.sst2_small
 pytest_configure = _fixtures.pytest_configure  # its filters for Ray's own deprecation warnings
+
+sys.path.insert(0, str(Path(__file__).parent))  # s3_server, local_cluster
+from s3_server import s3_server  # noqa: E402
+
+s3 = pytest.fixture(scope="module")(s3_server)  # moto's S3 server, one per test module

@@ -7,13 +7,13 @@ of the same job resumes). No test here starts Ray."""
 from __future__ import annotations
 
 import dataclasses
-import socket
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 from pipeline_helpers import tiny_job
+from s3_server import BUCKET
 
 from pipelines.cli import main
 from pipelines.config import ConfigError, join_storage
@@ -22,46 +22,6 @@ from pipelines.recipes.job import check_storage, plan_job, stage_claim, stage_st
 from pipelines.recipes.storage import MARKER, probe_storage, write_claim
 from pipelines.recipes.tune_space import parse_space
 from pipelines.tasks import checked_config
-
-BUCKET = "sinkd"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_EC2_METADATA_DISABLED": "true"}  # no instance-metadata lookups on this machine
-
-
-@dataclasses.dataclass
-class S3:
-    endpoint: str
-    client: object
-
-    def uri(self, path: str, bucket: str = BUCKET) -> str:
-        return f"s3://{bucket}/{path}?endpoint_override={self.endpoint}&scheme=http"
-
-    def keys(self, prefix: str) -> dict:
-        listing = self.client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
-        return {o["Key"]: self.client.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read() for o in listing}
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """moto's S3 server on a free loopback port with one bucket, dummy credentials in the environment."""
-    server_mod = pytest.importorskip("moto.server")
-    import boto3
-
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in CREDENTIALS.items():
-            mp.setenv(key, value)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
-        try:
-            client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
-            client.create_bucket(Bucket=BUCKET)
-            yield S3(f"127.0.0.1:{port}", client)
-        finally:
-            server.stop()
-
 
 def _error(fn, *args) -> str:
     with pytest.raises(ConfigError) as info:

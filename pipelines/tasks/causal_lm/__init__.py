@@ -98,8 +98,8 @@ class CausalLMTask:
         return validate(w, shard)
 
     def evaluate(self, model_dir: str, cfg: Config, prepared: Prepared, split: str,
-                 cpus: float = 1.0, actors: int = 1) -> dict:
-        return evaluate_lm(model_dir, cfg, prepared.data, prepared.teacher_dir, split, cpus, actors)
+                 cpus: float = 1.0, actors: int = 1, gpus: float = 0.0) -> dict:
+        return evaluate_lm(model_dir, cfg, prepared.data, prepared.teacher_dir, split, cpus, actors, gpus)
 
     def model_class(self, kind: str) -> type:
         from transformers import AutoModelForCausalLM

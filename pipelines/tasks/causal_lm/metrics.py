@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from ...config import Config
-from ..common import PAD_ID, load_tokenizer, to_frame
+from ..common import PAD_ID, actor_resources, load_tokenizer, to_frame
 from ..protocol import WorkerContext
+from ..shipping import fetch, ship
 from .data import IGNORE, LMCollate, LMData
 from .models import load_causal_lm
 
@@ -72,23 +73,25 @@ class LMScorer:
     """Ray Data callable class: per block, the model's summed NLL, labelled tokens and top-1 agreements
     with the teacher (from the cache's ids when the rows carry them, else a live teacher)."""
 
-    def __init__(self, model_dir: str, teacher_dir: str | None = None, num_threads: int | None = None):
+    def __init__(self, model_dir: str, teacher_dir: str | None = None, num_threads: int | None = None,
+                 device: str = "cpu"):
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.model = load_causal_lm(model_dir).eval()
-        self.teacher = load_causal_lm(teacher_dir).eval() if teacher_dir else None
+        self.device = device  # "cuda" in an actor given a GPU
+        self.model = load_causal_lm(fetch(model_dir)).to(device).eval()  # fetch: a shipped folder's local copy
+        self.teacher = load_causal_lm(fetch(teacher_dir)).to(device).eval() if teacher_dir else None
         pad = self.model.config.pad_token_id
         self.collate = LMCollate(pad if isinstance(pad, int) else 0)
 
     def __call__(self, batch) -> dict:
         t = self.collate(batch)
-        inputs = {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
+        inputs = {"input_ids": t["input_ids"].to(self.device), "attention_mask": t["attention_mask"].to(self.device)}
         with torch.no_grad():
-            logits = self.model(**inputs, use_cache=False).logits[:, :-1].float()
+            logits = self.model(**inputs, use_cache=False).logits[:, :-1].float().cpu()
             if "t_ids" in t:
                 t_top1 = t["t_ids"][..., 0]
             elif self.teacher is not None:
-                t_top1 = self.teacher(**inputs, use_cache=False).logits[:, :-1].argmax(-1)
+                t_top1 = self.teacher(**inputs, use_cache=False).logits[:, :-1].argmax(-1).cpu()
             else:
                 t_top1 = logits.argmax(-1)
         labels = t["labels"][:, 1:]
@@ -98,9 +101,11 @@ class LMScorer:
                 "agree": ((logits.argmax(-1) == t_top1) & real).sum(-1).numpy()}
 
 
-def evaluate_lm(model_dir: str, cfg: Config, data: LMData, teacher_dir: str, split: str = "test", cpus: float = 1.0, actors: int = 1) -> dict:
+def evaluate_lm(model_dir: str, cfg: Config, data: LMData, teacher_dir: str, split: str = "test", cpus: float = 1.0,
+                actors: int = 1, gpus: float = 0.0) -> dict:
     """Perplexity, bits per byte and top-1 agreement of an exported model on a split (Ray Data, up to
-    `actors` actors of `cpus` CPUs; token sums, so the order rows come back in does not matter)."""
+    `actors` actors of `cpus` CPUs and `gpus` GPUs; token sums, so the order rows come back in does
+    not matter)."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -111,10 +116,10 @@ def evaluate_lm(model_dir: str, cfg: Config, data: LMData, teacher_dir: str, spl
     else:
         table, teacher = data.splits[split], teacher_dir
     ds = ray.data.from_arrow(table, override_num_blocks=max(1, min(64, table.num_rows // cfg.train.eval_batch_size)))
-    out = ds.map_batches(LMScorer, fn_constructor_kwargs={"model_dir": model_dir, "teacher_dir": teacher,
-                                                          "num_threads": max(1, int(cpus))},
+    out = ds.map_batches(LMScorer, fn_constructor_kwargs={"model_dir": ship(model_dir, cfg), "teacher_dir": ship(teacher, cfg),
+                                                          "num_threads": max(1, int(cpus)), "device": "cuda" if gpus else "cpu"},
                          batch_size=cfg.train.eval_batch_size, batch_format="pyarrow",
-                         compute=ActorPoolStrategy(min_size=1, max_size=actors), num_cpus=cpus)
+                         compute=ActorPoolStrategy(min_size=1, max_size=actors), **actor_resources(cpus, gpus))
     out = to_frame(out)
     out = out[out["id"] != PAD_ID]
     tokens, nll = max(float(out["tokens"].sum()), 1.0), float(out["nll"].sum())

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from ...config import Config, ConfigError, stage_model_dir
 from ..common import PAD_ID, epoch_shape, eval_pool, load_tokenizer
 from ..protocol import TEACHER_STAGE, Prepared, Rows, Stage, StageMeta, WorkerContext
+from ..shipping import ship
 from .checks import check_classification
 from .data import PadCollate, load_task, to_ray, with_teacher_logits
 from .metrics import compute_metrics, evaluate_model, metric_names, predict
@@ -65,7 +66,7 @@ class ClassificationTask:
         if key not in data.teacher_tables:
             tokens = data.tokenized("train", prepared.teacher_dir, cfg.data.max_length)
             meta = self.stage_meta(cfg, prepared, Stage(TEACHER_STAGE, prepared.teacher_dir, None, cfg.train))
-            frame = predict(prepared.teacher_dir, tokens, cfg.train.eval_batch_size, **eval_pool(cfg),
+            frame = predict(ship(prepared.teacher_dir, cfg), tokens, cfg.train.eval_batch_size, **eval_pool(cfg),
                             meta={"num_labels": meta.num_labels, "label_names": meta.label_names,
                                   "label_token_ids": meta.label_token_ids})
             data.teacher_tables[key] = with_teacher_logits(tokens, frame["id"].to_numpy(), list(frame["logits"]))
@@ -141,9 +142,10 @@ class ClassificationTask:
         return {**compute_metrics(w.meta.metrics, p, y), "loss": float(sum(loss) / len(loss)), "examples": len(rows)}
 
     def evaluate(self, model_dir: str, cfg: Config, prepared: Prepared, split: str,
-                 cpus: float = 1.0, actors: int = 1) -> dict:
-        return evaluate_model(model_dir, prepared.data.tokenized(split, model_dir, cfg.data.max_length), prepared.metrics,
-                              cfg.train.eval_batch_size, cpus, actors)
+                 cpus: float = 1.0, actors: int = 1, gpus: float = 0.0) -> dict:
+        tokens = prepared.data.tokenized(split, model_dir, cfg.data.max_length)
+        return evaluate_model(ship(model_dir, cfg), tokens, prepared.metrics, cfg.train.eval_batch_size, cpus, actors,
+                              gpus)
 
     def model_class(self, kind: str) -> type:
         return auto_class(kind)

@@ -5,6 +5,10 @@ Everything lives under one private directory: Ray's temp dirs and address file (
 plain `ray.init()` elsewhere on the machine never joins this cluster and `ray stop` is never needed.
 Stopping a node kills its process group (raylet, GCS, dashboard, the workers it forked); `leftovers()`
 lists any process still carrying the cluster's directory or process groups, e.g. a job's driver.
+
+A worker node can be isolated: it runs in a mount namespace of its own (`unshare --mount`, root only)
+with an empty tmpfs laid over each of the given folders, so nothing the driver wrote there (run dirs,
+data, model folders) can be read on that node; a restarted node starts with empty folders again.
 """
 
 from __future__ import annotations
@@ -42,14 +46,21 @@ def _node_ports() -> list[str]:
 class Node:
     """One `ray start --block` process group."""
 
-    def __init__(self, name: str, args: list[str], cluster: "LocalCluster"):
-        self.name, self.args, self.cluster = name, args, cluster
+    def __init__(self, name: str, args: list[str], cluster: "LocalCluster", hidden: list[Path] = (),
+                 env: dict | None = None):
+        self.name, self.args, self.cluster, self.hidden = name, args, cluster, [str(p) for p in hidden]
+        self.env = env or {}
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
+        cmd = [RAY, "start", "--block", *self.args, *_node_ports()]
+        if self.hidden:  # unshare and sh exec: the node's process group leader is ray start itself
+            mounts = 'for d in "$@"; do [ "$d" = -- ] && break; mount -t tmpfs sinkd-hidden "$d" || exit 97; done'
+            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   f'{mounts}; while [ "$1" != -- ]; do shift; done; shift; exec "$@"', "sh", *self.hidden, "--", *cmd]
         with open(self.cluster.root / f"{self.name}.log", "ab") as log:
-            self.proc = subprocess.Popen([RAY, "start", "--block", *self.args, *_node_ports()], stdout=log,
-                                         stderr=subprocess.STDOUT, env=self.cluster.env, start_new_session=True)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**self.cluster.env, **self.env},
+                                         start_new_session=True)
         self.cluster.pgids.add(self.proc.pid)
 
     def stop(self) -> None:
@@ -65,7 +76,7 @@ class Node:
 
 class LocalCluster:
     def __init__(self, root: Path, head_cpus: int, worker_cpus: int, head_resources: dict, worker_resources: dict,
-                 object_store_mb: int = 300):
+                 object_store_mb: int = 300, worker_hidden: list[Path] = (), worker_env: dict | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.pgids: set[int] = set()
@@ -75,7 +86,8 @@ class LocalCluster:
                     "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `sinkd` for the job entrypoint
                     # notice a lost node in ~3 s rather than ~15 s
-                    "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+                    "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+                    "SINKD_SHIPPED_CACHE": str(self.root / "shipped_cache")}  # fetched model folders: cleaned up with root
         self.env.pop("RAY_ADDRESS", None)
         gcs, dash, client = free_ports(3)
         self.address, self.dashboard = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
@@ -87,7 +99,7 @@ class LocalCluster:
                                   "--resources", json.dumps(head_resources), *common], self)
         self.worker = Node("worker", ["--address", self.address, "--temp-dir", str(self.root / "worker"),
                                       "--num-cpus", str(worker_cpus), "--resources", json.dumps(worker_resources),
-                                      *common], self)
+                                      *common], self, hidden=worker_hidden, env=worker_env)
 
     def start(self, timeout: float = 180) -> None:
         self.head.start()

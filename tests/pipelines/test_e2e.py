@@ -116,7 +116,10 @@ def test_evaluation_actors_split_the_rows_and_agree_with_one_actor(zero2):
 
     raw, results = zero2
     cfg = checked_config(copy.deepcopy(raw))
-    assert eval_pool(cfg) == {"cpus": 1.0, "actors": 2}
+    assert eval_pool(cfg) == {"cpus": 1.0, "actors": 2, "gpus": 0.0}
+    on_gpus = copy.deepcopy(raw)
+    on_gpus["scaling"].update(use_gpu=True, gpus_per_worker=0.5, cpus_per_worker=4)
+    assert eval_pool(checked_config(on_gpus)) == {"cpus": 4.0, "actors": 2, "gpus": 0.5}  # one actor per worker's GPU share
     model = results["models"]["sinkd"]["path"]
     table = load_task(cfg).tokenized("test", model, cfg.data.max_length)
     one = predict(model, table, 8, cpus=1.0, actors=1)

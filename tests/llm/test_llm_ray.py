@@ -93,10 +93,13 @@ def test_cache_round_trip_with_k_equal_v_gives_the_live_loss_and_is_reused(local
         for term in ("loss", "kd", "sinkhorn"):
             assert cached[term] == pytest.approx(live[term], rel=2e-5, abs=1e-6), term  # float32 sums over V
     # The second run finds the same fingerprint: nothing is recomputed or rewritten.
-    stamps = {p: p.stat().st_mtime_ns for p in info.path.rglob("*.parquet")}
+    stamps = {p: p.stat().st_mtime_ns for p in Path(info.root).rglob("*.parquet")}
+    assert sorted(str(p.relative_to(info.root)) for p in stamps) == sorted(f for s in info.files.values() for f in s)
+    assert ensure_cache(cfg, task, teacher_dir) is info  # remembered on the blocks (a Tune trial reads no teacher file)
+    task.caches.clear()  # a later run: found through its manifest
     again = ensure_cache(checked_config(job(tmp_path, tiny_llama, wiki_path, shared_cache)), task, teacher_dir)
-    assert not again.built and again.path == info.path
-    assert {p: p.stat().st_mtime_ns for p in info.path.rglob("*.parquet")} == stamps
+    assert not again.built and again.root == info.root and again.files == info.files
+    assert {p: p.stat().st_mtime_ns for p in Path(info.root).rglob("*.parquet")} == stamps
     # A different k is another cache.
     other = checked_config(job(tmp_path, tiny_llama, wiki_path, shared_cache, **{"lm.cache.topk": 8}))
     from pipelines.tasks.causal_lm.logit_cache import fingerprint

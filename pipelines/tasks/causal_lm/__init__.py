@@ -66,7 +66,7 @@ class CausalLMTask:
         if cfg.lm.cache.enabled:
             from .logit_cache import ensure_cache, read_cache
 
-            info = ensure_cache(cfg, prepared.data, stage.model_path)
+            info = ensure_cache(cfg, prepared.data, prepared.teacher_dir)  # the one before_students made
             return {split: read_cache(info, split, world) for split in ("train", "validation")}
         return {split: lm_to_ray(prepared.data.splits[split], world) for split in ("train", "validation")}
 

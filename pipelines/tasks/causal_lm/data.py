@@ -39,6 +39,7 @@ class LMData:
     documents: dict[str, int] = field(default_factory=dict)  # split -> documents (or records) read
     available: dict[str, int] = field(default_factory=dict)  # split -> blocks before data.max_*_examples
     sources: dict[str, str] = field(default_factory=dict)  # split -> where its documents came from
+    caches: dict = field(default_factory=dict)  # logit caches found or built for these blocks (logit_cache.ensure_cache)
 
     def sizes(self) -> dict[str, int]:
         return {k: v.num_rows for k, v in self.splits.items()}

@@ -3,18 +3,19 @@
 A Ray Data stage (`map_batches` with the callable class `TeacherScorer`: one model load per actor,
 `lm.cache.concurrency` actors, `num_gpus` of them on GPU hosts) stores, for every position of every
 block, the teacher's top-k log-probabilities (temperature 1), their token ids and the probability
-mass of all other tokens. The cache lives in `lm.cache.dir/<fingerprint>/split=<split>/*.parquet`; the
-fingerprint covers the teacher's weights, the exact token blocks, k, max_length and the dtype, so a
-later run or Tune trial with the same inputs reuses it and a changed input never reads stale logits.
-It is written to a temporary directory and renamed into place: readers never see half a cache.
+mass of all other tokens. The cache lives in `<root>/<fingerprint>/<write>/split=<split>/*.parquet`,
+where root is lm.cache.dir, or `<ray.storage_path>/logit_cache` when that is an object store (the
+Ray Data tasks that write it and the workers that read it may run on any node). The fingerprint
+covers the teacher's weights, the exact token blocks, k, max_length and the dtype, so a later run or
+Tune trial with the same inputs reuses it and a changed input never reads stale logits. Its
+`manifest.json`, written last, lists the files: readers never see half a cache, and two runs that
+build the same cache at once each write a folder of their own.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +23,34 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from ...config import join_storage
+from ...config.uris import is_object_store, open_storage
+from ..shipping import fetch, ship
+
 SPLITS = ("train", "validation", "test")
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclass
 class CacheInfo:
-    path: Path
+    root: str  # <root>/<fingerprint>: a local folder or a storage URI
     fingerprint: str
     built: bool  # False: an earlier run's cache was reused (the teacher did not run)
     rows: dict
+    files: dict  # split -> Parquet files, relative to root, in a fixed order
+
+    def paths(self, split: str) -> tuple:
+        """(pyarrow filesystem, the split's file paths on it)."""
+        fs, root = open_storage(self.root)
+        return fs, [f"{root.rstrip('/')}/{f}" for f in self.files[split]]
+
+
+def cache_location(cfg) -> str:
+    """Where caches live: lm.cache.dir, or <ray.storage_path>/logit_cache on an object store."""
+    if is_object_store(cfg.ray.storage_path):
+        return join_storage(cfg.ray.storage_path, "logit_cache")
+    return cfg.lm.cache.dir
 
 
 def _teacher_identity(teacher_dir: str) -> dict:
@@ -72,7 +90,7 @@ class TeacherScorer:
             torch.set_num_threads(num_threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.dtype = getattr(torch, dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=self.dtype).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(fetch(teacher_dir), dtype=self.dtype).to(self.device).eval()
         pad = self.model.config.pad_token_id
         self.pad = pad if isinstance(pad, int) else 0
         self.k = k
@@ -104,43 +122,68 @@ class TeacherScorer:
 
 
 def ensure_cache(cfg, data, teacher_dir: str) -> CacheInfo:
-    """The cache for (teacher, data, k, max_length): reused when present, else built with Ray Data."""
+    """The cache for (teacher, data, k, max_length): reused when present, else built with Ray Data.
+    Remembered on `data`, so a Tune trial that receives it (on a node without the teacher's folder)
+    reads the cache the driver made without hashing the teacher again."""
+    c = cfg.lm.cache
+    memo = (teacher_dir, cache_location(cfg), c.topk, c.dtype, cfg.data.max_length)
+    if memo in data.caches:
+        return data.caches[memo]
+    fp = fingerprint(cfg, data, teacher_dir)
+    root = join_storage(cache_location(cfg), fp)
+    fs, path = open_storage(root, "lm.cache.dir")
+    manifest = _read_manifest(fs, f"{path}/{MANIFEST}")
+    if manifest is not None:
+        info = CacheInfo(root, fp, False, manifest["rows"], manifest["files"])
+    else:
+        info = _build(cfg, data, teacher_dir, fp, root)
+    data.caches[memo] = info
+    return info
+
+
+def _read_manifest(fs, path: str) -> dict | None:
+    import pyarrow.fs
+
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
+def _build(cfg, data, teacher_dir: str, fp: str, root: str) -> CacheInfo:
+    """One teacher pass over all splits (one set of actors), written partitioned by split into a
+    folder of this build's own, then the manifest that makes it the cache."""
+    import pyarrow.fs
     import ray.data
 
     c = cfg.lm.cache
-    fp = fingerprint(cfg, data, teacher_dir)
-    root = Path(c.dir) / fp
-    if (root / MANIFEST).is_file():
-        return CacheInfo(root, fp, False, json.loads((root / MANIFEST).read_text())["rows"])
-    tmp = Path(c.dir) / f".tmp-{fp}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    fs, path = open_storage(root, "lm.cache.dir")
+    write = uuid.uuid4().hex[:12]
+    table = pa.concat_tables([data.splits[s].append_column("split", pa.array([s] * data.splits[s].num_rows))
+                              for s in SPLITS])
+    ds = ray.data.from_arrow(table, override_num_blocks=max(1, min(64, table.num_rows // (4 * c.batch_size))))
+    scored = ds.map_batches(
+        TeacherScorer, fn_constructor_kwargs={"teacher_dir": ship(teacher_dir, cfg), "k": c.topk, "dtype": c.dtype,
+                                              "num_threads": max(1, int(c.num_cpus))},
+        batch_size=c.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=c.concurrency),
+        num_cpus=c.num_cpus, **({"num_gpus": c.num_gpus} if c.num_gpus else {}))
     try:
-        # One pass over all splits (one set of teacher actors), written partitioned by split.
-        table = pa.concat_tables([data.splits[s].append_column("split", pa.array([s] * data.splits[s].num_rows))
-                                  for s in SPLITS])
-        ds = ray.data.from_arrow(table, override_num_blocks=max(1, min(64, table.num_rows // (4 * c.batch_size))))
-        scored = ds.map_batches(
-            TeacherScorer, fn_constructor_kwargs={"teacher_dir": teacher_dir, "k": c.topk, "dtype": c.dtype,
-                                                  "num_threads": max(1, int(c.num_cpus))},
-            batch_size=c.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=c.concurrency),
-            num_cpus=c.num_cpus, **({"num_gpus": c.num_gpus} if c.num_gpus else {}))
-        scored.write_parquet(str(tmp), partition_cols=["split"])
-        rows = {s: data.splits[s].num_rows for s in SPLITS}
-        (tmp / MANIFEST).write_text(json.dumps({"fingerprint": fp, "teacher": teacher_dir, "topk": c.topk,
-                                                "max_length": cfg.data.max_length, "dtype": c.dtype, "rows": rows}, indent=1))
-        try:
-            os.rename(tmp, root)
-        except OSError:  # another run (a concurrent Tune trial) finished the same cache first
-            if not (root / MANIFEST).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return CacheInfo(root, fp, True, rows)
-
-
-def split_files(info: CacheInfo, split: str) -> list[str]:
-    """A split's Parquet files (Hive partition split=<name>), in a fixed order."""
-    return sorted(str(p) for p in (info.path / f"split={split}").glob("*.parquet"))
+        scored.write_parquet(f"{path}/{write}", filesystem=fs, partition_cols=["split"])
+    except BaseException:
+        fs.delete_dir_contents(f"{path}/{write}", missing_dir_ok=True)
+        raise
+    files = {s: [] for s in SPLITS}
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(f"{path}/{write}", recursive=True)):
+        rel = info.path[len(path.rstrip("/")) + 1:]
+        split = rel.split("/")[1].partition("=")[2] if rel.count("/") >= 2 else ""
+        if info.type == pyarrow.fs.FileType.File and rel.endswith(".parquet") and split in files:
+            files[split].append(rel)
+    files = {k: sorted(v) for k, v in files.items()}
+    rows = {s: data.splits[s].num_rows for s in SPLITS}
+    with fs.open_output_stream(f"{path}/{MANIFEST}") as out:  # last: the cache exists from here on
+        out.write(json.dumps({"fingerprint": fp, "teacher": teacher_dir, "topk": c.topk, "max_length": cfg.data.max_length,
+                              "dtype": c.dtype, "rows": rows, "files": files}, indent=1).encode())
+    return CacheInfo(root, fp, True, rows, files)
 
 
 def read_cache(info: CacheInfo, split: str, num_workers: int):
@@ -151,13 +194,13 @@ def read_cache(info: CacheInfo, split: str, num_workers: int):
     from ..common import padded_rows
     from .data import padding_rows
 
-    files = split_files(info, split)
+    fs, files = info.paths(split)
     if not files:
-        raise FileNotFoundError(f"logit cache {info.path}: no Parquet files for split {split}")
-    ds = ray.data.read_parquet(files, partitioning=None)  # rows as written, without a split column
+        raise FileNotFoundError(f"logit cache {info.root}: no Parquet files for split {split}")
+    ds = ray.data.read_parquet(files, filesystem=fs, partitioning=None)  # rows as written, without a split column
     extra = padded_rows(info.rows[split], num_workers)
     if extra:
-        ds = ds.union(ray.data.from_arrow(padding_rows(pq.read_table(files[0]).slice(0, 1), extra)))
+        ds = ds.union(ray.data.from_arrow(padding_rows(pq.read_table(files[0], filesystem=fs).slice(0, 1), extra)))
     return ds
 
 
@@ -165,5 +208,6 @@ def read_cache_table(info: CacheInfo, split: str) -> pa.Table:
     """A whole split on the driver (evaluation, tests), rows sorted by id."""
     import pyarrow.parquet as pq
 
-    table = pa.concat_tables([pq.read_table(p) for p in split_files(info, split)])
+    fs, files = info.paths(split)
+    table = pa.concat_tables([pq.read_table(p, filesystem=fs) for p in files])
     return table.take(np.argsort(table.column("id").to_numpy(), kind="stable"))

@@ -19,6 +19,8 @@ minilm, tiny_bert, sst2_small = _fixtures.minilm, _fixtures.tiny_bert, _fixtures
 pytest_configure = _fixtures.pytest_configure  # its filters for Ray's own deprecation warnings
 
 sys.path.insert(0, str(Path(__file__).parent))  # s3_server, local_cluster
-from s3_server import s3_server  # noqa: E402
+from s3_server import s3_server, use_test_credentials  # noqa: E402
+
+use_test_credentials()  # before the suite's local Ray starts: its workers read the test bucket too
 
 s3 = pytest.fixture(scope="module")(s3_server)  # moto's S3 server, one per test module

@@ -4,6 +4,7 @@ and dummy credentials in the environment (no secret anywhere, no instance-metada
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 
 import pytest
@@ -24,6 +25,12 @@ class S3:
     def keys(self, prefix: str) -> dict:
         listing = self.client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
         return {o["Key"]: self.client.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read() for o in listing}
+
+
+def use_test_credentials() -> None:
+    """The dummy credentials in this process's environment, before any Ray starts: Ray's workers and
+    nodes inherit it, so Ray Data tasks and training workers reach the test server too."""
+    os.environ.update(CREDENTIALS)
 
 
 def s3_server():

@@ -5,10 +5,18 @@ Ray that a module starts only if none is running (the pipeline suite may hold on
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 from llm_helpers import GGUF_NAME, WIKI, make_tiny_llama, package_dir
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "cluster"))
+from s3_server import s3_server, use_test_credentials  # noqa: E402
+
+use_test_credentials()  # before the suite's local Ray starts: its workers read the test bucket too
+
+s3 = pytest.fixture(scope="module")(s3_server)  # moto's S3 server (tests/cluster/s3_server.py)
 
 
 @pytest.fixture(scope="session")

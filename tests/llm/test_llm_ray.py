@@ -107,6 +107,34 @@ def test_cache_round_trip_with_k_equal_v_gives_the_live_loss_and_is_reused(local
     assert fingerprint(other, task, teacher_dir) != info.fingerprint
 
 
+def test_cache_on_an_object_store_storage_path_is_written_and_read_through_the_bucket(local_ray, tmp_path, tiny_llama,
+                                                                                       wiki_path, shared_cache, s3):
+    """With ray.storage_path on S3 the Ray Data tasks that score the teacher write the cache into the
+    bucket (any node may run them) and the readers read it from there: the same rows as a local cache,
+    nothing under lm.cache.dir; the teacher reaches the scoring actors as a shipped folder."""
+    from pipelines.tasks import get_task
+    from pipelines.tasks.causal_lm.logit_cache import MANIFEST, ensure_cache, read_cache_table
+
+    local_dir = tmp_path / "unused_cache"
+    cfg = checked_config(job(tmp_path, tiny_llama, wiki_path, local_dir, **{"ray.storage_path": s3.uri("lm_run")}))
+    prepared = get_task(cfg.task_type).prepare(cfg)
+    info = ensure_cache(cfg, prepared.data, prepared.teacher_dir)
+    assert info.built and info.root.startswith("s3://sinkd/lm_run/logit_cache/") and not local_dir.exists()
+    keys = s3.keys("lm_run/")
+    prefix = f"lm_run/logit_cache/{info.fingerprint}/"
+    assert {prefix + f for files in info.files.values() for f in files} | {prefix + MANIFEST} <= set(keys)
+    assert any(k.startswith("lm_run/shipped/tiny_llama-") for k in keys)
+
+    local = checked_config(job(tmp_path, tiny_llama, wiki_path, shared_cache))
+    reference = ensure_cache(local, get_task(local.task_type).prepare(local).data, prepared.teacher_dir)
+    assert reference.fingerprint == info.fingerprint  # the same inputs; only the place differs
+    for split in ("train", "validation", "test"):
+        assert read_cache_table(info, split).equals(read_cache_table(reference, split)), split
+    prepared.data.caches.clear()  # a later run finds it in the bucket through its manifest
+    again = ensure_cache(cfg, prepared.data, prepared.teacher_dir)
+    assert not again.built and again.root == info.root and again.files == info.files
+
+
 def test_cache_of_the_real_teacher_at_k_below_v_is_close_to_the_live_loss(local_ray, tmp_path, smollm2_dir, wiki_path):
     """SmolLM2 (a trained, peaked teacher) cached at k = 64: the loss from the cache is that of the
     live logits' top-k to float32 precision, and within a few percent of the full-vocabulary loss."""

@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="a stage's latest checkpoint -> Hugging Face model directory")
     common(x)
     x.add_argument("--stage", help="stage name (default: the config's name)")
-    x.add_argument("--out", help="output directory (default: RUN_DIR/models/STAGE)")
+    x.add_argument("--out", help="output directory or storage URI, e.g. s3://BUCKET/models/sinkd (default: RUN_DIR/models/STAGE)")
     u = sub.add_parser("tune", help="Ray Tune over distillation runs (search space from tune_spaces/*.yaml)")
     u.add_argument("config", help="job YAML: the base of every trial")
     u.add_argument("space", help="search space YAML, e.g. tune_spaces/sinkd_classification.yaml")
@@ -160,11 +160,11 @@ def _eval(cfg, args) -> int:
 
 def _export(cfg, args) -> int:
     from .config import join_storage, stage_model_dir, storage_root
-    from .recipes.export import checkpoint_uri, export_checkpoint, stage_checkpoint
+    from .recipes.export import checkpoint_uri, export_to, stage_checkpoint
 
     stage = args.stage or cfg.name
     checkpoint = stage_checkpoint(join_storage(storage_root(cfg), stage))  # RUN_DIR/ray or ray.storage_path
-    out = export_checkpoint(checkpoint, args.out or stage_model_dir(cfg, stage))
+    out = export_to(checkpoint, args.out or stage_model_dir(cfg, stage))
     print(f"exported {checkpoint_uri(checkpoint)} -> {out}")
     return 0
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import ConfigError
+from ..config.uris import is_object_store, open_storage, short_reason, shown
 from ..tasks import task_for_kind
 from ..tasks.common import TASK_FILE, quiet_transformers
 from ..train.files import DS_TAG, META_DIR, STATE_FILE
@@ -65,6 +67,30 @@ def export_checkpoint(checkpoint, out_dir: str | Path) -> Path:
         return _export_dir(Path(checkpoint), Path(out_dir), str(checkpoint))
     with checkpoint.as_directory() as local:
         return _export_dir(Path(local), Path(out_dir), checkpoint_uri(checkpoint))
+
+
+def export_to(checkpoint, out: str | Path) -> str:
+    """export_checkpoint to a local directory, or to a storage URI (`s3://bucket/models/sinkd`):
+    written locally first, then uploaded file by file, sinkd_task.json last (a reader that finds it
+    finds a complete model). Returns where the model is."""
+    out = str(out)
+    if not is_object_store(out):
+        return str(export_checkpoint(checkpoint, out))
+    import pyarrow.fs
+
+    fs, path = open_storage(out, "--out")
+    with tempfile.TemporaryDirectory(prefix="sinkd-export-") as tmp:
+        local = export_checkpoint(checkpoint, Path(tmp) / "model")
+        task_file = (local / TASK_FILE).read_bytes()
+        (local / TASK_FILE).unlink()
+        try:
+            fs.create_dir(path, recursive=True)
+            pyarrow.fs.copy_files(str(local), path, destination_filesystem=fs)
+            with fs.open_output_stream(f"{path.rstrip('/')}/{TASK_FILE}") as f:
+                f.write(task_file)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--out: cannot write to {shown(out)} ({short_reason(e)})") from None
+    return shown(out)
 
 
 def checkpoint_uri(checkpoint) -> str:

@@ -123,6 +123,11 @@ def test_a_job_runs_with_a_node_that_sees_no_driver_file_and_resumes_when_it_is_
     assert main(["export", str(job), "--out", str(tmp_path / "exported")]) == 0
     exported = json.loads((tmp_path / "exported" / "sinkd_task.json").read_text())
     assert exported["global_step"] == 6 and exported["checkpoint"].startswith(f"s3://{BUCKET}/iso_job/sinkd/")
+    # ... and writes the model to the bucket when asked: the same files, sinkd_task.json among them.
+    assert main(["export", str(job), "--out", s3.uri("iso_job/exported/sinkd")]) == 0
+    uploaded = {k.rsplit("/", 1)[1]: v for k, v in s3.keys("iso_job/exported/sinkd/").items() if not k.endswith("/")}
+    local = {p.name: p.read_bytes() for p in (tmp_path / "exported").iterdir()}
+    assert uploaded.keys() == local.keys() and uploaded["model.safetensors"] == local["model.safetensors"]
 
 
 def test_tune_trials_run_on_the_isolated_node(cluster, s3, tiny_bert, sst2_small, tmp_path):

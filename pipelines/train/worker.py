@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from ..config import Config, TrainConfig, build_dataclass, objective_config
 from ..tasks.common import PAD_ID, TASK_FILE, epoch_batches, load_tokenizer
-from ..tasks.shipping import fetch
 from ..tasks.protocol import Stage, StageMeta, Task
+from ..tasks.shipping import fetch
 from .engine import deepspeed_config, place_teacher, student_engine
 from .files import DS_TAG, META_DIR, STATE_FILE
 

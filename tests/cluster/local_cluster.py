@@ -43,6 +43,21 @@ def _node_ports() -> list[str]:
     return [x for name, port in zip(names, free_ports(len(names))) for x in (name, str(port))]
 
 
+def unshare_mount() -> list[str]:
+    """`unshare` for a private mount namespace: as root directly, else inside a user namespace."""
+    return ["unshare", "--mount", "--propagation", "private", *([] if os.geteuid() == 0 else ["--map-root-user"])]
+
+
+def can_isolate() -> str:
+    """"" when this machine can start an isolated node, else why not (one line)."""
+    try:
+        done = subprocess.run([*unshare_mount(), "sh", "-c", "mount -t tmpfs sinkd-probe /mnt && umount /mnt"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unshare: {e}"
+    return "" if done.returncode == 0 else (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+
+
 class Node:
     """One `ray start --block` process group."""
 
@@ -56,7 +71,7 @@ class Node:
         cmd = [RAY, "start", "--block", *self.args, *_node_ports()]
         if self.hidden:  # unshare and sh exec: the node's process group leader is ray start itself
             mounts = 'for d in "$@"; do [ "$d" = -- ] && break; mount -t tmpfs sinkd-hidden "$d" || exit 97; done'
-            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            cmd = [*unshare_mount(), "sh", "-c",
                    f'{mounts}; while [ "$1" != -- ]; do shift; done; shift; exec "$@"', "sh", *self.hidden, "--", *cmd]
         with open(self.cluster.root / f"{self.name}.log", "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**self.cluster.env, **self.env},

@@ -16,13 +16,13 @@ def test_gguf_teacher_loads_and_scores_a_wikipedia_slice(smollm2_dir, wiki_path)
     from transformers import AutoTokenizer
 
     from pipelines.tasks.causal_lm.metrics import LMScorer
-    from pipelines.tasks.causal_lm.data import _wiki_pages, pack_blocks
+    from pipelines.tasks.causal_lm.data import wiki_pages, pack_blocks
 
     conf = json.loads((smollm2_dir / "config.json").read_text())
     assert (conf["model_type"], conf["num_hidden_layers"], conf["hidden_size"], conf["vocab_size"]) == ("llama", 30, 576, 49152)
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     assert len(tok) == 49152 and tok.decode(tok("Anarchism is")["input_ids"]) == "Anarchism is"
-    doc = next(iter(_wiki_pages(wiki_path, 1, 100)))
+    doc = next(iter(wiki_pages(wiki_path, 1, 100)))
     blocks = pack_blocks([tok(doc[:2000], add_special_tokens=False)["input_ids"]], 64, tok.eos_token_id)[:3]
     table = pa.table({"id": pa.array(range(len(blocks)), pa.int64()),
                       "input_ids": pa.array(blocks.tolist(), pa.list_(pa.int32())),

@@ -53,7 +53,7 @@ class LMData:
 # ----------------------------------------------------------------------------- reading
 
 
-def _wiki_pages(path: Path, limit: int | None, min_chars: int):
+def wiki_pages(path: Path, limit: int | None, min_chars: int):
     """Article text of a MediaWiki XML export (.bz2 or plain): main namespace, no redirects."""
     import xml.etree.ElementTree as ET
 
@@ -124,7 +124,7 @@ def read_split(cfg: Config, split: str) -> list:
         recs = _jsonl_records(path, [lm.prompt_column, lm.response_column], cfg.data.encoding, lm.max_documents, 1)
         return [(line, p, r) for line, (p, r) in recs]
     if fmt == "wiki_xml":
-        docs = list(_wiki_pages(path, lm.max_documents, lm.min_document_chars))
+        docs = list(wiki_pages(path, lm.max_documents, lm.min_document_chars))
     elif fmt == "txt":
         docs = _txt_documents(path, cfg.data.encoding, lm.max_documents, lm.min_document_chars)
     else:

@@ -144,12 +144,20 @@ def test_packed_wiki_task_carves_whole_documents(tmp_path, tiny_llama, wiki_path
         assert table.column("id").to_pylist() == list(range(table.num_rows))
     train = {tuple(r) for r in task.splits["train"].column("input_ids").to_pylist()}
     assert not train & {tuple(r) for r in task.splits["test"].column("input_ids").to_pylist()}
+    # Bits per byte's denominators of the evaluation splits, counted here on the driver (a trial on
+    # another node has no tokenizer to count them with); train's on first use.
+    from pipelines.tasks.causal_lm.data import label_bytes
+
+    tok = load_tokenizer(str(tiny_llama))
+    assert task.text_bytes == {s: int(label_bytes(tok, task.splits[s]).sum()) for s in ("validation", "test")}
+    assert task.split_bytes("train", str(tiny_llama)) == int(label_bytes(tok, task.splits["train"]).sum()) > 0
+    assert task.split_bytes("test", "/no/tokenizer/needed") == task.text_bytes["test"]
 
 
 def test_label_bytes_count_the_utf8_of_the_predicted_text(tiny_llama):
     """Bits per byte divides by these: the predicted tokens' text (positions 1.., labels not -100), in
     UTF-8 bytes, multi-byte characters split across tokens included; EOS spells no bytes."""
-    from pipelines.tasks.causal_lm.metrics import label_bytes
+    from pipelines.tasks.causal_lm.data import label_bytes
     from pipelines.tasks.common import load_tokenizer
 
     tok = load_tokenizer(str(tiny_llama))

@@ -23,7 +23,8 @@ import pyarrow as pa
 from ray.data.collate_fn import ArrowBatchCollateFn
 
 from ...config import Config
-from ..common import PAD_ID, DataError, attention_mask, carve, carved_size, padded, padded_rows, shuffled, subsample
+from ..common import (PAD_ID, DataError, attention_mask, carve, carved_size, load_tokenizer, padded, padded_rows, shuffled,
+                      subsample)
 from .checks import lm_file_format
 
 IGNORE = -100  # label of tokens outside the loss (prompt, padding)
@@ -40,14 +41,36 @@ class LMData:
     available: dict[str, int] = field(default_factory=dict)  # split -> blocks before data.max_*_examples
     sources: dict[str, str] = field(default_factory=dict)  # split -> where its documents came from
     caches: dict = field(default_factory=dict)  # logit caches found or built for these blocks (logit_cache.ensure_cache)
+    text_bytes: dict = field(default_factory=dict)  # split -> UTF-8 bytes its labels spell (bits per byte)
 
     def sizes(self) -> dict[str, int]:
         return {k: v.num_rows for k, v in self.splits.items()}
+
+    def split_bytes(self, split: str, tokenizer_path: str) -> int:
+        """The bytes a split's predicted tokens spell (label_bytes), counted once: load_lm_task counts
+        the evaluation splits on the driver, so a Tune trial elsewhere needs no tokenizer for them."""
+        if split not in self.text_bytes:
+            self.text_bytes[split] = int(label_bytes(load_tokenizer(tokenizer_path), self.splits[split]).sum())
+        return self.text_bytes[split]
 
     def tokens(self, split: str) -> int:
         """Tokens that carry a label in a split (what perplexity averages over)."""
         labels = self.splits[split].column("labels").combine_chunks().values.to_numpy()
         return int((labels != IGNORE).sum())
+
+
+def label_bytes(tokenizer, table) -> np.ndarray:
+    """UTF-8 bytes of the text each row's predicted tokens spell (labels at positions 1.., not -100).
+
+    Bits per byte = summed NLL / ln 2 / these bytes: a per-text figure that does not depend on the
+    tokenizer (perplexity does: a coarser vocabulary has fewer, harder tokens). Special tokens (EOS
+    between packed documents) are predicted and scored but spell no bytes."""
+    out = np.zeros(table.num_rows, dtype=np.int64)
+    for i, (ids, labels) in enumerate(zip(table["input_ids"].to_pylist(), table["labels"].to_pylist())):
+        target = [t for t, lab in zip(ids[1:], labels[1:]) if lab != IGNORE]
+        text = tokenizer.decode(target, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        out[i] = len(text.encode("utf-8"))
+    return out
 
 
 # ----------------------------------------------------------------------------- reading
@@ -204,7 +227,9 @@ def load_lm_task(cfg: Config, tokenizer) -> LMData:
         if split == "train":  # a seeded global shuffle, as classification tasks get
             table = shuffled(table, cfg.seed)
         splits[split] = table.set_column(0, "id", pa.array(np.arange(table.num_rows), pa.int64()))
-    return LMData(splits, len(tokenizer), notes, {split: len(items) for split, items in raw.items()}, available, sources)
+    data = LMData(splits, len(tokenizer), notes, {split: len(items) for split, items in raw.items()}, available, sources)
+    data.text_bytes = {split: int(label_bytes(tokenizer, splits[split]).sum()) for split in ("validation", "test")}
+    return data
 
 
 # ----------------------------------------------------------------------------- Ray Data

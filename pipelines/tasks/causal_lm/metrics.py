@@ -5,32 +5,17 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ...config import Config
-from ..common import PAD_ID, actor_resources, load_tokenizer, to_frame
+from ..common import PAD_ID, actor_resources, to_frame
 from ..protocol import WorkerContext
 from ..shipping import fetch, ship
 from .data import IGNORE, LMCollate, LMData
 from .models import load_causal_lm
 
 METRICS = ["perplexity", "bits_per_byte", "top1_agreement"]
-
-
-def label_bytes(tokenizer, table) -> np.ndarray:
-    """UTF-8 bytes of the text each row's predicted tokens spell (labels at positions 1.., not -100).
-
-    Bits per byte = summed NLL / ln 2 / these bytes: a per-text figure that does not depend on the
-    tokenizer (perplexity does: a coarser vocabulary has fewer, harder tokens). Special tokens (EOS
-    between packed documents) are predicted and scored but spell no bytes."""
-    out = np.zeros(table.num_rows, dtype=np.int64)
-    for i, (ids, labels) in enumerate(zip(table["input_ids"].to_pylist(), table["labels"].to_pylist())):
-        target = [t for t, lab in zip(ids[1:], labels[1:]) if lab != IGNORE]
-        text = tokenizer.decode(target, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        out[i] = len(text.encode("utf-8"))
-    return out
 
 
 def model_inputs(batch: dict, device) -> dict:
@@ -123,6 +108,6 @@ def evaluate_lm(model_dir: str, cfg: Config, data: LMData, teacher_dir: str, spl
     out = to_frame(out)
     out = out[out["id"] != PAD_ID]
     tokens, nll = max(float(out["tokens"].sum()), 1.0), float(out["nll"].sum())
-    text_bytes = int(label_bytes(load_tokenizer(teacher_dir), data.splits[split]).sum())
+    text_bytes = data.split_bytes(split, teacher_dir)  # counted on the driver at prepare time
     return {"perplexity": math.exp(min(nll / tokens, 700.0)), "bits_per_byte": nll / math.log(2) / max(text_bytes, 1),
             "top1_agreement": float(out["agree"].sum()) / tokens}

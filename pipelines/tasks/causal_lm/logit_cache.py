@@ -53,6 +53,11 @@ def cache_location(cfg) -> str:
     return cfg.lm.cache.dir
 
 
+def cache_key(cfg) -> str:
+    """The config key errors about the cache's place name."""
+    return "ray.storage_path" if is_object_store(cfg.ray.storage_path) else "lm.cache.dir"
+
+
 def _teacher_identity(teacher_dir: str) -> dict:
     d = Path(teacher_dir)
     weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in d.glob("*.safetensors"))
@@ -131,7 +136,7 @@ def ensure_cache(cfg, data, teacher_dir: str) -> CacheInfo:
         return data.caches[memo]
     fp = fingerprint(cfg, data, teacher_dir)
     root = join_storage(cache_location(cfg), fp)
-    fs, path = open_storage(root, "lm.cache.dir")
+    fs, path = open_storage(root, cache_key(cfg))
     manifest = _read_manifest(fs, f"{path}/{MANIFEST}")
     if manifest is not None:
         info = CacheInfo(root, fp, False, manifest["rows"], manifest["files"])
@@ -157,7 +162,7 @@ def _build(cfg, data, teacher_dir: str, fp: str, root: str) -> CacheInfo:
     import ray.data
 
     c = cfg.lm.cache
-    fs, path = open_storage(root, "lm.cache.dir")
+    fs, path = open_storage(root, cache_key(cfg))
     write = uuid.uuid4().hex[:12]
     table = pa.concat_tables([data.splits[s].append_column("split", pa.array([s] * data.splits[s].num_rows))
                               for s in SPLITS])

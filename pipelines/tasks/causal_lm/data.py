@@ -46,11 +46,13 @@ class LMData:
     def sizes(self) -> dict[str, int]:
         return {k: v.num_rows for k, v in self.splits.items()}
 
-    def split_bytes(self, split: str, tokenizer_path: str) -> int:
+    def split_bytes(self, split: str, tokenizer) -> int:
         """The bytes a split's predicted tokens spell (label_bytes), counted once: load_lm_task counts
-        the evaluation splits on the driver, so a Tune trial elsewhere needs no tokenizer for them."""
+        the evaluation splits on the driver, so a Tune trial elsewhere needs no tokenizer for them.
+        tokenizer: the tokenizer, or its model directory (loaded only when the split is not counted)."""
         if split not in self.text_bytes:
-            self.text_bytes[split] = int(label_bytes(load_tokenizer(tokenizer_path), self.splits[split]).sum())
+            tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+            self.text_bytes[split] = int(label_bytes(tok, self.splits[split]).sum())
         return self.text_bytes[split]
 
     def tokens(self, split: str) -> int:
@@ -228,7 +230,8 @@ def load_lm_task(cfg: Config, tokenizer) -> LMData:
             table = shuffled(table, cfg.seed)
         splits[split] = table.set_column(0, "id", pa.array(np.arange(table.num_rows), pa.int64()))
     data = LMData(splits, len(tokenizer), notes, {split: len(items) for split, items in raw.items()}, available, sources)
-    data.text_bytes = {split: int(label_bytes(tokenizer, splits[split]).sum()) for split in ("validation", "test")}
+    for split in ("validation", "test"):
+        data.split_bytes(split, tokenizer)
     return data
 
 

@@ -141,7 +141,7 @@ def ensure_cache(cfg, data, teacher_dir: str) -> CacheInfo:
     if manifest is not None:
         info = CacheInfo(root, fp, False, manifest["rows"], manifest["files"])
     else:
-        info = _build(cfg, data, teacher_dir, fp, root)
+        info = _build(cfg, data, teacher_dir, fp, root, fs, path)
     data.caches[memo] = info
     return info
 
@@ -155,14 +155,13 @@ def _read_manifest(fs, path: str) -> dict | None:
         return json.loads(f.read().decode())
 
 
-def _build(cfg, data, teacher_dir: str, fp: str, root: str) -> CacheInfo:
+def _build(cfg, data, teacher_dir: str, fp: str, root: str, fs, path: str) -> CacheInfo:
     """One teacher pass over all splits (one set of actors), written partitioned by split into a
-    folder of this build's own, then the manifest that makes it the cache."""
+    folder of this build's own, then the manifest that makes it the cache. fs, path: root opened."""
     import pyarrow.fs
     import ray.data
 
     c = cfg.lm.cache
-    fs, path = open_storage(root, cache_key(cfg))
     write = uuid.uuid4().hex[:12]
     table = pa.concat_tables([data.splits[s].append_column("split", pa.array([s] * data.splits[s].num_rows))
                               for s in SPLITS])

@@ -70,7 +70,7 @@ class LMScorer:
 
     def __call__(self, batch) -> dict:
         t = self.collate(batch)
-        inputs = {"input_ids": t["input_ids"].to(self.device), "attention_mask": t["attention_mask"].to(self.device)}
+        inputs = model_inputs(t, self.device)
         with torch.no_grad():
             logits = self.model(**inputs, use_cache=False).logits[:, :-1].float().cpu()
             if "t_ids" in t:

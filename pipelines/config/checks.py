@@ -12,13 +12,12 @@ from .typed import ConfigError, build_dataclass
 
 
 def check_common(cfg: Config) -> None:
-    """Cheap checks of everything knowable before data or Ray, except what a task checks itself."""
+    """Cheap checks of everything knowable before data or Ray, except what a task checks itself (the
+    objective mappings among them: each task builds its own loss)."""
     check_ranges(cfg)
-    objective_config(cfg.objective)
-    for name, overrides in cfg.baselines.items():
+    for name in cfg.baselines:
         if name in ("teacher", cfg.name):
             raise ConfigError(f"baselines.{name}: name clashes with the teacher or the main run '{cfg.name}'")
-        objective_config({**cfg.objective, **overrides}, prefix=f"baselines.{name}")
     teacher_train_config(cfg)
     check_cluster(cfg)
 

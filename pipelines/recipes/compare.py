@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from ..config import Config, ConfigError, join_storage, objective_config, stage_model_dir
+from ..config import Config, ConfigError, join_storage, stage_model_dir
 from ..tasks import Prepared, get_task
 from ..tasks.common import eval_pool
 from .export import export_checkpoint
@@ -85,8 +85,9 @@ def resolve_objectives(cfg: Config, names: list[str] | None) -> dict:
     if unknown:
         raise ConfigError(f"--objectives: unknown objective {unknown[0]!r}; valid: {', '.join(known)}")
     chosen = {name: known[name] for name in names}
+    task = get_task(cfg.task_type)
     for name, objective in chosen.items():
-        objective_config(objective, prefix=f"--objectives {name}: objective")
+        task.objective(objective, prefix=f"--objectives {name}: objective")
     return chosen
 
 
@@ -178,24 +179,13 @@ def metric_table(metric: str, rows: dict) -> str:
     return "\n".join(lines)
 
 
-def objective_line(name: str, objective: dict) -> str:
-    """The settings that tell objectives apart, in one line."""
-    o = objective_config(objective)
-    s = o.sinkhorn
-    parts = [f"ce {o.ce_weight:g}", f"{o.alpha:g} x {o.divergence} (T {o.temperature:g})"]
-    if o.beta > 0:
-        parts.append(f"{o.beta:g} x Sinkhorn (eps {s.eps:g}, {s.max_iter} its, {s.cost}, T {s.temperature:g}, "
-                     f"{s.normalization})")
-    return f"- `{name}`: " + " + ".join(parts)
-
-
 def markdown(report: dict) -> str:
     """compare.md: what was compared, one table per metric, how the numbers were computed."""
     trials, failed = report["trials"], [t for t in report["trials"] if t["status"] != "OK"]
     setting = (f"run directory `{report['run_dir']}`, teacher `{report['teacher']}`, seeds "
                f"{', '.join(map(str, report['seeds']))}; {report['data']}")
     lines = [f"# sinkd compare: {len(report['objectives'])} objectives x {len(report['seeds'])} seeds", "", setting, ""]
-    lines += [objective_line(n, o) for n, o in report["objectives"].items()] + [""]
+    lines += [f"- `{name}`: {line}" for name, line in report["described"].items()] + [""]
     for metric in report["metrics"]:
         lines += [metric_table(metric, report["summary"][metric]), ""]
     lines.append(f"Differences: objective - {REFERENCE}, paired by seed over the seeds both finished; "
@@ -350,7 +340,7 @@ def run_compare(cfg: Config, names: list[str] | None = None, seeds: int = 3) -> 
 
 def build_report(cfg: Config, plan, objectives: dict, seeds: list[int], results: list) -> dict:
     """compare.json's content: the setting, every trial (objective order, then seed), the statistics."""
-    metrics = plan.prepared.metrics
+    metrics, task = plan.prepared.metrics, get_task(cfg.task_type)
     order = {n: i for i, n in enumerate(objectives)}
     trials = sorted((trial_record(r, metrics) for r in results), key=lambda t: (order[t["objective"]], t["seed"]))
     sizes = plan.prepared.data.sizes()
@@ -358,6 +348,7 @@ def build_report(cfg: Config, plan, objectives: dict, seeds: list[int], results:
             "data": f"{sizes.get('train', 0)} train / {sizes.get('validation', 0)} validation / "
                     f"{sizes.get('test', 0)} test rows, {plan.prepared.description}",
             "seeds": seeds, "objectives": objectives, "trials": trials,
+            "described": {name: task.objective(o).describe() for name, o in objectives.items()},
             "summary": summarize(trials, list(objectives), metrics)}
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..config import Config, ConfigError, check_common, load_config, resolve_paths
 from .causal_lm import CausalLMTask
 from .classification import ClassificationTask
-from .protocol import Prepared, Rows, Stage, StageMeta, Task, WorkerContext
+from .protocol import Objective, Prepared, Rows, Stage, StageMeta, Task, WorkerContext
 
 TASKS: dict[str, Task] = {"classification": ClassificationTask(), "causal_lm": CausalLMTask()}
 
@@ -37,6 +37,9 @@ def check_config(cfg: Config) -> Config:
     models, tokenizers: I/O, once); then pkg:// and relative paths become absolute for the workers."""
     task = get_task(cfg.task_type)
     check_common(cfg)
+    task.objective(cfg.objective)
+    for name, overrides in cfg.baselines.items():
+        task.objective({**cfg.objective, **overrides}, prefix=f"baselines.{name}")
     task.check(cfg)
     resolve_paths(cfg)
     return cfg
@@ -52,5 +55,5 @@ def load_checked_config(path: str | Path | None = None, overrides: list[str] | N
     return check_config(load_config(path, overrides))
 
 
-__all__ = ["TASKS", "Prepared", "Rows", "Stage", "StageMeta", "Task", "WorkerContext", "check_config",
+__all__ = ["TASKS", "Objective", "Prepared", "Rows", "Stage", "StageMeta", "Task", "WorkerContext", "check_config",
            "checked_config", "get_task", "load_checked_config", "task_for_kind"]

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 from torch import nn
 
-from ..config import Config, ConfigError, TrainConfig
+from ..config import Config, ConfigError, TrainConfig, objective_config
 
 PAD_ID = -1  # id of the rows added so every worker gets the same number of rows
 TASK_FILE = "sinkd_task.json"  # written next to exported models: kind, labels, label token ids
@@ -121,6 +121,31 @@ def to_frame(ds):
     """A dataset's rows as one pandas frame, joined as Arrow (Ray Data's own to_pandas goes through a
     pandas call deprecated in pandas 3 once there are several blocks)."""
     return pa.concat_tables(list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))).to_pandas()
+
+
+# ----------------------------------------------------------------------------- objective
+
+
+class SameVocabObjective:
+    """sinkd.DistillationObjective on Rows whose student and teacher logits share a vocabulary, row
+    for row (classification, causal_lm): CE + alpha * divergence + beta * batch-wise Sinkhorn."""
+
+    def __init__(self, values: dict, prefix: str = "objective"):
+        from sinkd import DistillationObjective
+
+        self.config = objective_config(values, prefix)  # ConfigError naming prefix.key
+        self.loss = DistillationObjective(self.config)
+
+    def __call__(self, rows):
+        return self.loss(rows.student, rows.teacher, labels=rows.labels)
+
+    def describe(self) -> str:
+        o, s = self.config, self.config.sinkhorn
+        parts = [f"ce {o.ce_weight:g}", f"{o.alpha:g} x {o.divergence} (T {o.temperature:g})"]
+        if o.beta > 0:
+            parts.append(f"{o.beta:g} x Sinkhorn (eps {s.eps:g}, {s.max_iter} its, {s.cost}, T {s.temperature:g}, "
+                         f"{s.normalization})")
+        return " + ".join(parts)
 
 
 # ----------------------------------------------------------------------------- models and tokenizers

@@ -4,7 +4,8 @@ A task (classification, causal_lm, ...) is a small object implementing `Task`; t
 `pipelines.tasks` maps `task_type` to it, and nothing below the registry compares task-type
 strings. The driver (pipelines.recipes) calls check -> prepare -> stage_meta / ray_datasets ->
 evaluate; the Ray Train worker (pipelines.train.worker) calls build_student / build_teacher ->
-collate -> forward -> validate. Tasks are siblings; shared pieces live in pipelines.tasks.common.
+objective -> collate -> forward -> validate. Tasks are siblings; shared pieces live in
+pipelines.tasks.common.
 """
 
 from __future__ import annotations
@@ -68,12 +69,24 @@ class Rows:
 
     student: (..., V) logits with grad; teacher: (..., V) logits, a sinkd.TopKDistribution, or None
     (fine-tuning); labels: (...) class / next-token ids (-100 = ignore); empty: no real row in the
-    batch (padding rows only keep the workers' collectives matched)."""
+    batch (padding rows only keep the workers' collectives matched). A task whose student and teacher
+    rows do not correspond (other vocabularies) gives its own shapes and reads them in its objective."""
 
     student: torch.Tensor
     teacher: Any
     labels: torch.Tensor
     empty: bool = False
+    extra: dict = field(default_factory=dict)  # what else the task's objective reads (e.g. each side's mask)
+
+
+class Objective(Protocol):
+    """A stage's distillation loss on a task's Rows (a task builds it from the stage's objective mapping)."""
+
+    def __call__(self, rows: Rows) -> Any:
+        """An object with tensors `loss` (to backpropagate) and `ce`, `kd`, `sinkhorn` (logged terms)."""
+
+    def describe(self) -> str:
+        """The settings that tell objectives apart, in one line (compare.md)."""
 
 
 class WorkerContext(Protocol):
@@ -108,6 +121,11 @@ class Task(Protocol):
 
     def summarize(self, cfg: Config, prepared: Prepared) -> dict:
         """The data before training: {"splits": {split: facts}, "warnings": [...], "lines": [terminal lines]}."""
+
+    def objective(self, values: dict, prefix: str = "objective") -> Objective:
+        """The loss a distillation stage trains with, from its objective mapping (the job's `objective`
+        merged with a baseline's overrides). Checks the mapping: ConfigError naming `prefix`.key. Cheap:
+        the driver calls it to check every stage, each worker to train."""
 
     def before_students(self, cfg: Config, prepared: Prepared) -> None:
         """Work shared by every student stage and Tune trial, run once (e.g. a teacher logit cache)."""

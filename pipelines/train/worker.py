@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import Config, TrainConfig, build_dataclass, objective_config
+from ..config import Config, TrainConfig, build_dataclass
 from ..tasks.common import PAD_ID, TASK_FILE, epoch_batches, load_tokenizer
 from ..tasks.protocol import Stage, StageMeta, Task
 from ..tasks.shipping import fetch
@@ -60,7 +60,7 @@ class Worker:
     hf: Any  # the student's Hugging Face model (config and tokenizer for checkpoints)
     engine: Any  # DeepSpeed engine around the task's student module
     teacher: Any = None  # the task's teacher module (or its ZeRO-3 engine); None when fine-tuning or cached
-    objective: Any = None  # sinkd.DistillationObjective; None when fine-tuning (plain CE)
+    objective: Any = None  # the task's Objective on its Rows; None when fine-tuning (plain CE)
 
     def all_sum(self, values) -> list[float]:
         """Sum over ranks of a list (or a tensor on this rank's device): one host sync. The tensor goes
@@ -137,7 +137,6 @@ def forward_warnings(progress) -> None:
 def setup(payload: dict) -> Worker:
     import ray.train
     import ray.train.torch
-    from sinkd import DistillationObjective
 
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     # DeepSpeed's ZeRO code calls torch.distributed functions torch has deprecated; not ours to fix.
@@ -157,7 +156,7 @@ def setup(payload: dict) -> Worker:
     if stage.objective is not None:
         teacher = task.build_teacher(cfg, stage, meta, ds_config if t.zero_stage == 3 else None)
         w.teacher = None if teacher is None else place_teacher(teacher, t, ds_config, device)
-        w.objective = DistillationObjective(objective_config(stage.objective))
+        w.objective = task.objective(stage.objective)
     return w
 
 
@@ -197,7 +196,7 @@ def step_loss(w: Worker, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         loss = F.cross_entropy(rows.student, rows.labels)
         zero = loss.detach().new_zeros(())
         return loss, torch.stack([loss.detach(), loss.detach(), zero, zero])
-    out = w.objective(rows.student, rows.teacher, labels=rows.labels)
+    out = w.objective(rows)
     return out.loss, torch.stack([getattr(out, k).detach().float() for k in TERMS])
 
 

@@ -102,7 +102,8 @@ def test_summary_pairs_by_seed_and_the_markdown_shows_its_numbers(tmp_path):
     assert acc["kd"]["vs_kd"] is None
     report = {"run_dir": "r", "teacher": "t", "metrics": ["accuracy", "f1"], "headline": "accuracy", "data": "d",
               "seeds": [0, 1, 2], "objectives": {n: {"alpha": 1.0} for n in ("ce", "kd", "sinkd")},
-              "trials": trials, "summary": summary}
+              "trials": trials, "summary": summary,
+              "described": {n: f"ce 1 + {n} settings" for n in ("ce", "kd", "sinkd")}}
     out = compare.write_outputs(report, tmp_path)
     md = (tmp_path / "compare.md").read_text()
     rows = _md_rows(md, "accuracy")
@@ -111,6 +112,7 @@ def test_summary_pairs_by_seed_and_the_markdown_shows_its_numbers(tmp_path):
     assert rows["ce"][5] == "+0.0350" and rows["ce"][7] == f"{p:.3g}" == "0.258"
     assert rows["kd"][5] == "reference" and rows["kd"][0] == "2"
     assert rows["sinkd"][5:] == ["+0.0600", "n/a", "n/a"]  # one pair (seed 0)
+    assert "- `kd`: ce 1 + kd settings" in md
     assert "2 of 9 trials failed" in md and out["failed"][0]["error"] == "boom"
     assert (tmp_path / "compare.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "compare.json").read_text())["summary"] == json.loads(json.dumps(summary))

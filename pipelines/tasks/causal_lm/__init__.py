@@ -10,7 +10,7 @@ import dataclasses
 import torch
 
 from ...config import Config
-from ..common import epoch_shape, load_tokenizer
+from ..common import SameVocabObjective, epoch_shape, load_tokenizer
 from ..protocol import Prepared, Rows, Stage, StageMeta, WorkerContext
 from .checks import check_causal_lm, check_lm_models
 from .data import IGNORE, LMCollate, lm_to_ray, load_lm_task
@@ -35,6 +35,9 @@ class CausalLMTask:
 
     def fingerprint(self, cfg: Config) -> dict:
         return {"lm": dataclasses.asdict(cfg.lm)}
+
+    def objective(self, values: dict, prefix: str = "objective") -> SameVocabObjective:
+        return SameVocabObjective(values, prefix)
 
     def before_students(self, cfg: Config, prepared: Prepared) -> None:
         if cfg.lm.cache.enabled:  # the teacher runs once, before any student stage or trial

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ...config import Config, ConfigError, stage_model_dir
-from ..common import PAD_ID, epoch_shape, eval_pool, load_tokenizer
+from ..common import PAD_ID, SameVocabObjective, epoch_shape, eval_pool, load_tokenizer
 from ..protocol import TEACHER_STAGE, Prepared, Rows, Stage, StageMeta, WorkerContext
 from ..shipping import ship
 from .checks import check_classification
@@ -54,6 +54,9 @@ class ClassificationTask:
 
     def fingerprint(self, cfg: Config) -> dict:
         return {}
+
+    def objective(self, values: dict, prefix: str = "objective") -> SameVocabObjective:
+        return SameVocabObjective(values, prefix)
 
     def before_students(self, cfg: Config, prepared: Prepared) -> None:
         if caches_teacher(cfg):  # one teacher pass, before any student stage or Tune trial

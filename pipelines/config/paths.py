@@ -55,6 +55,8 @@ def resolve_paths(cfg: Config) -> None:
     cfg.teacher.path = str(resolve_path(cfg.teacher.path, "teacher.path").resolve())
     if cfg.student.path:
         cfg.student.path = str(resolve_path(cfg.student.path, "student.path").resolve())
+    if cfg.student.tokenizer:
+        cfg.student.tokenizer = str(resolve_path(cfg.student.tokenizer, "student.tokenizer").resolve())
     if cfg.data.load_from_disk:
         cfg.data.load_from_disk = str(resolve_path(cfg.data.load_from_disk, "data.load_from_disk").resolve())
     cfg.data.files = {k: str(resolve_path(v, f"data.files.{k}").resolve()) for k, v in cfg.data.files.items()}

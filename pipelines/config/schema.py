@@ -55,6 +55,7 @@ class StudentConfig:
     init: Literal["teacher_layers", "config", "pretrained"] = "teacher_layers"
     layers: Optional[list[int]] = None  # teacher_layers: which teacher layers to copy (PKD-style)
     path: Optional[str] = None  # pretrained: a Hugging Face model directory
+    tokenizer: Optional[str] = None  # cross_tokenizer: a directory holding the student's tokenizer (default: path)
     config: dict[str, Any] = field(default_factory=dict)  # config: overrides of the teacher's config
 
 
@@ -125,6 +126,7 @@ class LMConfig:
     response_column: str = "response"
     max_documents: Optional[int] = None  # read at most this many documents (articles, lines, records) per file
     min_document_chars: int = 1  # shorter documents (e.g. wiki redirects after markup removal) are skipped
+    student_max_length: Optional[int] = None  # cross_tokenizer: student tokens kept per block (default 2 x data.max_length)
     cache: LogitCacheConfig = field(default_factory=LogitCacheConfig)
 
 
@@ -143,7 +145,7 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
-    lm: LMConfig = field(default_factory=LMConfig)  # task_type causal_lm: corpus format, teacher logit cache
+    lm: LMConfig = field(default_factory=LMConfig)  # causal_lm, cross_tokenizer: corpus format, teacher logit cache
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -13,9 +13,11 @@ from pathlib import Path
 from ..config import Config, ConfigError, check_common, load_config, resolve_paths
 from .causal_lm import CausalLMTask
 from .classification import ClassificationTask
+from .cross_tokenizer import CrossTokenizerTask
 from .protocol import Objective, Prepared, Rows, Stage, StageMeta, Task, WorkerContext
 
-TASKS: dict[str, Task] = {"classification": ClassificationTask(), "causal_lm": CausalLMTask()}
+TASKS: dict[str, Task] = {"classification": ClassificationTask(), "causal_lm": CausalLMTask(),
+                          "cross_tokenizer": CrossTokenizerTask()}  # exports causal LMs: after causal_lm
 
 
 def get_task(task_type: str) -> Task:

@@ -172,10 +172,15 @@ def tokenizer_identity(path: str) -> str:
     """A digest of what a tokenizer does (vocabulary, normaliser, pre-tokeniser, post-processor):
     equal digests tokenise every text the same, whatever directory they were saved in. Truncation and
     padding are left out: a call with truncation=True sets them on the shared tokenizer object."""
+    return backend_digest(load_tokenizer(path))
+
+
+def backend_digest(tokenizer) -> str:
+    """tokenizer_identity of a loaded fast tokenizer."""
     import hashlib
     import json
 
-    state = json.loads(load_tokenizer(path).backend_tokenizer.to_str())
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
     state.pop("truncation", None)
     state.pop("padding", None)
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
@@ -199,10 +204,15 @@ def check_same_tokenizer(teacher: Path, student: Path, teacher_gguf: str | None 
                           "teacher and student must share a vocabulary")
 
 
-def check_student_keys(cfg: Config) -> None:
+def check_student_keys(cfg: Config, own_tokenizer: bool = False) -> None:
+    """Keys of `student` the chosen init does not read are refused, not ignored. own_tokenizer: the
+    task lets the student bring another tokenizer than the teacher's (student.tokenizer)."""
     s = cfg.student
     if s.init != "pretrained" and (s.path or s.config and s.init != "config"):
         raise ConfigError(f"student: path/config are not used with student.init: {s.init}")
+    if s.tokenizer and not own_tokenizer:
+        raise ConfigError(f"student.tokenizer: task_type {cfg.task_type} distils into the teacher's tokenizer; "
+                          "a student with its own tokenizer needs task_type: cross_tokenizer")
 
 
 def frozen_teacher(load, ds_config_zero3: dict | None = None) -> nn.Module:

@@ -143,6 +143,10 @@ class Task(Protocol):
     def build_teacher(self, cfg: Config, stage: Stage, meta: StageMeta, zero3: bool) -> nn.Module | None:
         """The frozen teacher module (partitioned as it loads under ZeRO-3), or None (cached teacher)."""
 
+    def student_tokenizer(self, cfg: Config, stage: Stage) -> str:
+        """The directory whose tokenizer is saved with the stage's model (the teacher's, unless the
+        student speaks another)."""
+
     def collate(self, meta: StageMeta) -> Callable:
         """Ray Data collate_fn: Arrow rows -> a dict of tensors with "ids" (-1 on padding rows)."""
 

@@ -145,6 +145,7 @@ def setup(payload: dict) -> Worker:
     cfg = Config.from_dict(payload["config"])  # checked on the driver; typing only here
     stage = Stage(**{**payload["stage"], "train": build_dataclass(TrainConfig, payload["stage"]["train"], "")})
     stage.model_path, cfg.student.path = fetch(stage.model_path), fetch(cfg.student.path)  # node-local copies
+    cfg.student.tokenizer = fetch(cfg.student.tokenizer)
     meta, t = StageMeta(**payload["meta"]), stage.train
     ctx = ray.train.get_context()
     ds_config = deepspeed_config(t, meta.steps_per_epoch * t.epochs, cfg.scaling.use_gpu)
@@ -344,7 +345,7 @@ def write_meta(path: Path, w: Worker) -> None:
     """The student's config, tokenizer and task file: with the weights, a loadable model."""
     path.mkdir(parents=True, exist_ok=True)
     w.hf.config.save_pretrained(path)
-    load_tokenizer(w.stage.model_path).save_pretrained(path)
+    load_tokenizer(w.task.student_tokenizer(w.cfg, w.stage)).save_pretrained(path)
     (path / TASK_FILE).write_text(json.dumps(w.meta.task_file(w.stage.name), indent=1))
 
 

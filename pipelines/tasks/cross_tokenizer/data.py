@@ -3,37 +3,91 @@ distillation and for a tokenizer-agnostic score (bits per byte).
 
 Each document is cut where the teacher's tokens cut it (every `max_length` teacher tokens, by the
 tokens' character offsets), so the blocks partition the document's text: block i is
-`text[start_i:start_(i+1)]`. Both tokenizers then tokenise exactly that string (no special tokens),
-so the teacher's and the student's summed NLL over a block are losses on the same bytes, and their
-sums over a split divided by its UTF-8 bytes are comparable bits per byte. Re-tokenising a substring
-can differ from the document's tokens at the cut (a merge across it): a side longer than its
-max length is truncated and counted, never silently dropped.
+`text[start_i:start_(i+1)]`. Both tokenizers then tokenise exactly that string (no special tokens)
+after one start token of their own (BOS, else CLS, else EOS), so every token of the block's text is
+predicted on both sides, from the same context. Re-tokenising a substring can differ from the
+document's tokens at the cut (a merge across it): a side longer than its max length is truncated and
+counted, never silently dropped, and each side's `*_bytes` are the UTF-8 bytes its kept tokens cover:
+summed NLL / ln 2 / those bytes is bits per byte, comparable whatever the tokenizers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
+from ray.data.collate_fn import ArrowBatchCollateFn
 
-from ..common import DataError
+from ...config import Config
+from ..common import PAD_ID, DataError, attention_mask, padded, padded_rows, shuffled, subsample
+from ..causal_lm.data import IGNORE, read_documents
+
+SIDES = ("t", "s")  # column prefixes: teacher, student
 
 
 @dataclass
 class PairedBlocks:
-    table: pa.Table  # id, text, text_bytes, t_input_ids, s_input_ids
+    table: pa.Table  # id, text, text_bytes, t_input_ids, t_bytes, s_input_ids, s_bytes
     truncated: dict  # side ("teacher", "student") -> blocks cut to that side's max length
+
+
+@dataclass
+class CrossData:
+    """Checked paired blocks per split and what they came from (what Prepared.data holds)."""
+
+    splits: dict[str, pa.Table]
+    teacher_vocab: int
+    student_vocab: int
+    notes: list[str] = field(default_factory=list)
+    documents: dict[str, int] = field(default_factory=dict)  # split -> documents read
+    available: dict[str, int] = field(default_factory=dict)  # split -> blocks before data.max_*_examples
+    sources: dict[str, str] = field(default_factory=dict)
+    truncated: dict[str, dict] = field(default_factory=dict)  # split -> PairedBlocks.truncated
+
+    def sizes(self) -> dict[str, int]:
+        return {k: v.num_rows for k, v in self.splits.items()}
+
+    def tokens(self, split: str, side: str) -> int:
+        """Predicted tokens of one side ("t" or "s") in a split (all but the start token of each block)."""
+        lengths = np.diff(self.splits[split].column(f"{side}_input_ids").combine_chunks().offsets.to_numpy())
+        return int((lengths - 1).sum())
+
+    def text_bytes(self, split: str, side: str) -> int:
+        return int(self.splits[split].column(f"{side}_bytes").to_numpy().sum())
+
+
+def start_token(tokenizer, key: str) -> int:
+    """The id each block starts from: BOS, else CLS, else EOS (a context token every model has seen)."""
+    for name in ("bos_token_id", "cls_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    raise DataError(f"{key}: the tokenizer has no BOS, CLS or EOS token to start a block with")
 
 
 def block_spans(offsets: list[tuple[int, int]], text_length: int, max_length: int, min_tokens: int = 2) -> list[tuple[int, int]]:
     """Character spans [start, end) of consecutive blocks of `max_length` tokens that partition the
     text from its first token on; a last block of fewer than `min_tokens` tokens joins no block and is
-    dropped (nothing to predict in it). offsets: the tokens' (start, end) character offsets."""
+    dropped (too short to be worth a row). offsets: the tokens' (start, end) character offsets."""
     starts = [offsets[i][0] for i in range(0, len(offsets), max_length)]
     spans = [(a, b) for a, b in zip(starts, starts[1:] + [text_length])]
     if spans and len(offsets) % max_length and len(offsets) % max_length < min_tokens:
         spans.pop()
     return spans
+
+
+def _side(tok, texts: list[str], max_length: int, start: int) -> tuple[list, list[int], int]:
+    """(ids with the start token first, bytes each row's kept tokens cover, rows truncated)."""
+    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+    rows, covered, cut = [], [], 0
+    for text, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"]):
+        if len(ids) > max_length:
+            cut += 1
+            text = text[:offsets[max_length - 1][1]]
+        rows.append([start] + ids[:max_length])
+        covered.append(len(text.encode("utf-8")))
+    return rows, covered, cut
 
 
 def paired_blocks(documents: list[str], teacher_tok, student_tok, max_length: int, student_max_length: int,
@@ -49,19 +103,82 @@ def paired_blocks(documents: list[str], teacher_tok, student_tok, max_length: in
         texts += [doc[a:b] for a, b in block_spans(offsets, len(doc), max_length)]
     if not texts:
         raise DataError(f"{where}: no document is long enough for a block (2 teacher tokens or more)")
-    teacher_ids = teacher_tok(texts, add_special_tokens=False)["input_ids"]
-    student_ids = student_tok(texts, add_special_tokens=False)["input_ids"]
-    truncated = {"teacher": sum(len(t) > max_length for t in teacher_ids),
-                 "student": sum(len(s) > student_max_length for s in student_ids)}
-    empty = next((i for i, s in enumerate(student_ids) if len(s) < 2), None)
+    t_ids, t_bytes, t_cut = _side(teacher_tok, texts, max_length, start_token(teacher_tok, "teacher.path"))
+    s_ids, s_bytes, s_cut = _side(student_tok, texts, student_max_length, start_token(student_tok, "student.tokenizer"))
+    empty = next((i for i, s in enumerate(s_ids) if len(s) < 2), None)
     if empty is not None:
-        raise DataError(f"{where}: block {empty} ({texts[empty][:40]!r}) is {len(student_ids[empty])} student "
-                        "token(s): nothing to predict on the student side")
+        raise DataError(f"{where}: block {empty} ({texts[empty][:40]!r}) has no student token (the student's "
+                        "tokenizer drops all of it): nothing to predict on the student side")
     table = pa.table({
         "id": pa.array(range(len(texts)), pa.int64()),
         "text": pa.array(texts, pa.string()),
         "text_bytes": pa.array([len(t.encode("utf-8")) for t in texts], pa.int64()),
-        "t_input_ids": pa.array([t[:max_length] for t in teacher_ids], pa.list_(pa.int32())),
-        "s_input_ids": pa.array([s[:student_max_length] for s in student_ids], pa.list_(pa.int32())),
+        "t_input_ids": pa.array(t_ids, pa.list_(pa.int32())), "t_bytes": pa.array(t_bytes, pa.int64()),
+        "s_input_ids": pa.array(s_ids, pa.list_(pa.int32())), "s_bytes": pa.array(s_bytes, pa.int64()),
     })
-    return PairedBlocks(table, truncated)
+    return PairedBlocks(table, {"teacher": t_cut, "student": s_cut})
+
+
+def student_max_length(cfg: Config) -> int:
+    return cfg.lm.student_max_length or 2 * cfg.data.max_length
+
+
+def load_cross_task(cfg: Config, teacher_tok, student_tok) -> CrossData:
+    """Read, carve, pair and subsample every split on the driver (no Ray needed)."""
+    d = cfg.data
+    raw, notes, sources = read_documents(cfg)
+    splits, available, truncated = {}, {}, {}
+    for i, split in enumerate(("train", "validation", "test")):
+        where = f"data.files.{split}" if split in d.files else f"data.files.train ({split} carved out of it)"
+        blocks = paired_blocks(raw[split], teacher_tok, student_tok, d.max_length, student_max_length(cfg), where)
+        table, truncated[split] = blocks.table, blocks.truncated
+        available[split] = table.num_rows
+        table = subsample(table, d.max_train_examples if split == "train" else d.max_eval_examples, cfg.seed + 1 + i)
+        if split == "train":
+            table = shuffled(table, cfg.seed)
+        splits[split] = table.set_column(0, "id", pa.array(np.arange(table.num_rows), pa.int64()))
+    cut = {side: sum(t[side] for t in truncated.values()) for side in ("teacher", "student")}
+    notes += [f"{n} block(s) cut to the {side}'s max length ({'data.max_length' if side == 'teacher' else 'lm.student_max_length'})"
+              for side, n in cut.items() if n]
+    return CrossData(splits, len(teacher_tok), len(student_tok), notes, {s: len(v) for s, v in raw.items()},
+                     available, sources, truncated)
+
+
+class PairCollate(ArrowBatchCollateFn):
+    """Arrow rows -> each side's input_ids and attention_mask ("t_", "s_"), padded to the batch's
+    longest row of that side with id 0 (a valid id of any vocabulary, masked out); the student's
+    labels (its ids, -100 on padding); ids; each side's bytes. Padding rows (id -1) get all-zero masks."""
+
+    def __call__(self, batch: pa.Table) -> dict:
+        import torch
+
+        row_ids = batch.column("id").to_numpy().astype(np.int64)
+        real = (row_ids != PAD_ID)[:, None]
+        out = {"ids": torch.from_numpy(row_ids)}
+        for side in SIDES:
+            ids = padded(batch.column(f"{side}_input_ids"), 0, np.int64)
+            mask = attention_mask(batch.column(f"{side}_input_ids"), ids.shape[1]) * real
+            out[f"{side}_input_ids"], out[f"{side}_attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
+            out[f"{side}_bytes"] = torch.from_numpy(batch.column(f"{side}_bytes").to_numpy().astype(np.int64) * real[:, 0])
+        out["s_labels"] = torch.where(out["s_attention_mask"].bool(), out["s_input_ids"], IGNORE)
+        return out
+
+
+def pad_pairs(table: pa.Table, num_workers: int) -> pa.Table:
+    """Append copies of the first row with id -1 and no bytes (PairCollate masks them out) so every
+    worker gets as many rows as the others."""
+    extra = padded_rows(table.num_rows, num_workers)
+    if not extra:
+        return table
+    pad = table.take([0] * extra)
+    pad = pad.set_column(0, "id", pa.array([PAD_ID] * extra, pa.int64()))
+    for name in ("text_bytes", "t_bytes", "s_bytes"):
+        pad = pad.set_column(pad.schema.get_field_index(name), name, pa.array([0] * extra, pa.int64()))
+    return pa.concat_tables([table, pad])
+
+
+def pairs_to_ray(table: pa.Table, num_workers: int):
+    import ray.data
+
+    table = pad_pairs(table, num_workers)
+    return ray.data.from_arrow(table, override_num_blocks=max(1, min(64, table.num_rows // 64)))

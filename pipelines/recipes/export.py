@@ -50,14 +50,29 @@ def consolidated_state_dict(checkpoint_dir: Path) -> dict:
     ds_dir = checkpoint_dir / DS_TAG
     if any(ds_dir.glob("*optim_states.pt")) and any(ds_dir.glob("zero_pp_rank_*")):
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
         with contextlib.redirect_stdout(io.StringIO()):  # its progress prints are not for our users
             state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DS_TAG)
     else:  # ZeRO stage 0: the module's weights are whole in the model-states file
         state = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    # The DeepSpeed module is the task's wrapper (Classifier, CausalLM) around `.model`: strip the prefix.
-    return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    return state
+
+
+def split_module_state(state: dict) -> tuple[dict, dict[str, dict]]:
+    """The DeepSpeed module is the task's wrapper (Classifier, CausalLM, PairLM) around `.model`:
+    (the Hugging Face model's weights, prefix stripped; {other submodule: its weights}, e.g. DSKD's
+    projectors, which are saved beside the model as <name>.pt)."""
+    model, others = {}, {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if head == "model":
+            model[rest] = value
+        else:
+            others.setdefault(head, {})[rest] = value
+    return model, others
 
 
 def export_checkpoint(checkpoint, out_dir: str | Path) -> Path:
@@ -113,7 +128,8 @@ def _export_dir(checkpoint_dir: Path, out_dir: Path, source: str) -> Path:
 
     config = AutoConfig.from_pretrained(meta_dir)
     model = task_for_kind(task["kind"]).model_class(task["kind"]).from_config(config)
-    missing, unexpected = model.load_state_dict(consolidated_state_dict(checkpoint_dir), strict=False)
+    weights, beside = split_module_state(consolidated_state_dict(checkpoint_dir))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = getattr(model, "_tied_weights_keys", None) or {}  # e.g. T5's lm_head -> shared embedding
     missing = [k for k in missing if k not in set(tied)]
     if missing or unexpected:
@@ -123,6 +139,8 @@ def _export_dir(checkpoint_dir: Path, out_dir: Path, source: str) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     model.save_pretrained(tmp)
+    for name, module_state in beside.items():  # trained with the student, not part of it
+        torch.save(module_state, tmp / f"{name}.pt")
     AutoTokenizer.from_pretrained(meta_dir).save_pretrained(tmp)
     state = json.loads((checkpoint_dir / STATE_FILE).read_text())
     task.update(global_step=state["global_step"], epoch=state["epoch"], checkpoint=source)

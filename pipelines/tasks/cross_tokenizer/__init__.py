@@ -10,15 +10,16 @@ import dataclasses
 
 import torch
 
-from ...config import Config
+from ...config import Config, model_config
 from ..causal_lm.data import IGNORE
-from ..causal_lm.models import CausalLM, build_teacher, hf_teacher_dir
+from ..causal_lm.models import build_teacher, hf_teacher_dir
 from ..common import PAD_ID, epoch_shape, load_tokenizer
 from ..protocol import Prepared, Rows, Stage, StageMeta, WorkerContext
 from .checks import check_cross_tokenizer, student_tokenizer_dir
 from .data import PairCollate, load_cross_task, pairs_to_ray
+from .dskd import CMAProjectors, Side
 from .metrics import METRICS, evaluate_pairs, side_inputs, validate
-from .models import build_student
+from .models import PairLM, build_student
 from .objective import CrossTokenizerObjective
 
 KIND = "causal_lm"  # what it exports: a plain Hugging Face causal LM with the student's tokenizer
@@ -65,11 +66,16 @@ class CrossTokenizerTask:
         return {split: pairs_to_ray(prepared.data.splits[split], cfg.scaling.num_workers) for split in ("train", "validation")}
 
     def build_student(self, cfg: Config, stage: Stage, meta: StageMeta):
+        """The student; with DSKD, its projectors beside it in the module DeepSpeed trains."""
         hf = build_student(cfg, stage.model_path, student_tokenizer_dir(cfg))
-        return hf, CausalLM(hf)
+        lr = self.objective(stage.objective).projector_lr if stage.objective is not None else None
+        if lr is None:
+            return hf, PairLM(hf)
+        teacher_dim = model_config(stage.model_path)["hidden_size"]
+        return hf, PairLM(hf, CMAProjectors(hf.config.hidden_size, teacher_dim), lr)
 
     def build_teacher(self, cfg: Config, stage: Stage, meta: StageMeta, ds_config_zero3: dict | None):
-        return CausalLM(build_teacher(stage.model_path, ds_config_zero3))
+        return PairLM(build_teacher(stage.model_path, ds_config_zero3))
 
     def student_tokenizer(self, cfg: Config, stage: Stage) -> str:
         return student_tokenizer_dir(cfg)
@@ -80,16 +86,30 @@ class CrossTokenizerTask:
     def forward(self, w: WorkerContext, batch: dict) -> Rows:
         """The student's rows (B, T_s - 1, V_s) and the teacher's (B, T_t - 1, V_t) of the real blocks;
         row t predicts token t + 1 of its own side."""
-        logits = w.engine(**side_inputs(batch, "s", w.device))[:, :-1].float()
+        student = w.engine.module
+        hidden = hasattr(student, "projectors")  # DSKD reads both models' last hidden states
+        out = w.engine(**side_inputs(batch, "s", w.device), hidden=hidden)
+        logits = (out[0] if hidden else out)[:, :-1].float()
         real = (batch["ids"] != PAD_ID).to(w.device)
         labels = batch["s_labels"][:, 1:].to(w.device)
         if not bool(real.any()):
             return Rows(logits, None, labels, empty=True)
         with torch.no_grad():  # every rank runs the teacher on its whole batch (ZeRO-3 gathers in step)
-            teacher = w.teacher(**side_inputs(batch, "t", w.device))[:, :-1].float()
+            t_out = w.teacher(**side_inputs(batch, "t", w.device), hidden=hidden)
+        teacher = (t_out[0] if hidden else t_out)[:, :-1].float()
         t_mask = batch["t_attention_mask"][:, 1:].bool().to(w.device)
-        return Rows(logits[real], teacher[real], labels[real],
-                    extra={"student_mask": (labels != IGNORE)[real], "teacher_mask": t_mask[real]})
+        s_mask = (labels != IGNORE)[real]
+        extra = {"student_mask": s_mask, "teacher_mask": t_mask[real]}
+        if hidden:
+            t_ids = batch["t_input_ids"].to(w.device)[real]
+            s_ids = batch["s_input_ids"].to(w.device)[real]
+            t_model, s_model = w.teacher.model, student.model
+            extra.update(projectors=student.projectors, student_side=Side(
+                logits[real], out[1][:, :-1][real].float(), s_ids[:, :-1], s_ids[:, 1:], s_mask,
+                s_model.get_input_embeddings().weight, s_model.get_output_embeddings().weight),
+                teacher_side=Side(teacher[real], t_out[1][:, :-1][real].float(), t_ids[:, :-1], t_ids[:, 1:], t_mask[real],
+                                  t_model.get_input_embeddings().weight, t_model.get_output_embeddings().weight))
+        return Rows(logits[real], teacher[real], labels[real], extra=extra)
 
     def validate(self, w: WorkerContext, shard) -> dict:
         return validate(w, shard)

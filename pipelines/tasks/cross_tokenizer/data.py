@@ -20,8 +20,16 @@ import pyarrow as pa
 from ray.data.collate_fn import ArrowBatchCollateFn
 
 from ...config import Config
-from ..common import PAD_ID, DataError, attention_mask, padded, padded_rows, shuffled, subsample
 from ..causal_lm.data import IGNORE, read_documents
+from ..common import (
+    PAD_ID,
+    DataError,
+    attention_mask,
+    padded,
+    padded_rows,
+    shuffled,
+    subsample,
+)
 
 SIDES = ("t", "s")  # column prefixes: teacher, student
 
@@ -93,9 +101,9 @@ def _side(tok, texts: list[str], max_length: int, start: int) -> tuple[list, lis
 def paired_blocks(documents: list[str], teacher_tok, student_tok, max_length: int, student_max_length: int,
                   where: str = "data") -> PairedBlocks:
     """Blocks of every document (see the module docstring); `where` names the source in errors."""
-    for side, tok in (("teacher", teacher_tok), ("student", student_tok)):
+    for key, tok in (("teacher.path", teacher_tok), ("student.tokenizer", student_tok)):
         if not getattr(tok, "is_fast", False):
-            raise DataError(f"{side}.path: a fast tokenizer (with character offsets) is needed to cut blocks, "
+            raise DataError(f"{key}: a fast tokenizer (with character offsets) is needed to cut blocks, "
                             f"got {type(tok).__name__}")
     texts = []
     enc = teacher_tok(documents, add_special_tokens=False, return_offsets_mapping=True)

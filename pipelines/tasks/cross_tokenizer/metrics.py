@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from ...config import Config
-from ..common import PAD_ID, actor_resources, backend_digest, load_tokenizer, to_frame
 from ..causal_lm.data import IGNORE
 from ..causal_lm.models import load_causal_lm
+from ..common import PAD_ID, actor_resources, backend_digest, load_tokenizer, to_frame
 from ..protocol import WorkerContext
 from ..shipping import fetch, ship
 from .data import CrossData, PairCollate

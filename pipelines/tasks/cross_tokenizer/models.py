@@ -1,5 +1,6 @@
 """Students with their own tokenizer: pretrained, from the teacher's config, or from a subset of the
-teacher's layers with the embedding (and an untied LM head) rebuilt for the student's vocabulary."""
+teacher's layers with the embedding (and an untied LM head) rebuilt for the student's vocabulary;
+`PairLM`, the module each side runs as (with DSKD's projectors beside the student's model)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,25 @@ from torch import nn
 from ...config import Config
 from ..causal_lm.models import load_causal_lm
 from ..common import load_tokenizer, student_from_teacher_layers
+
+
+class PairLM(nn.Module):
+    """A Hugging Face causal LM returning logits (B, L, V), or (logits, last hidden state) when asked;
+    the student's may carry `projectors` (DSKD), trained with it at their own learning rate
+    (`lr_overrides`: parameter-name prefix -> lr, read by pipelines.train.engine.param_groups) and
+    exported beside the model, not inside it."""
+
+    def __init__(self, model: nn.Module, projectors: nn.Module | None = None, projector_lr: float | None = None):
+        super().__init__()
+        self.model = model
+        self.lr_overrides = {}
+        if projectors is not None:
+            self.projectors = projectors
+            self.lr_overrides = {"projectors.": projector_lr}
+
+    def forward(self, input_ids, attention_mask, hidden: bool = False):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=hidden)
+        return (out.logits, out.hidden_states[-1]) if hidden else out.logits
 
 
 def special_ids(tok) -> dict:

@@ -3,13 +3,16 @@
     ce             CE                                      (the student's next-token loss alone)
     uld            ce_weight * CE + weight * ULD           (Boizard et al. 2024: L1 of ranked vectors)
     multilevel_ot  ce_weight * CE + alpha * (HAD + beta * SL + gamma * SD)   (Cui et al., AAAI 2025)
+    dskd           (1 - kd_rate) * CE + kd_rate * (t2s_CE + t2s_KD + s2t_KD)  (Zhang et al., EMNLP 2024;
+                   cross-model attention through trained projectors: dskd.py)
 
 from sinkd.cross_vocab. The YAML mapping (`objective:`, a baseline's overrides merged over it):
 
     objective: {method: multilevel_ot, ce_weight: 1.0, multilevel_ot: {k: 50, gamma: 0.1}}
     baselines: {uld: {method: uld, uld: {weight: 1.0}}, ce: {method: ce}}
 
-Logged terms: `kd` is ULD, or alpha * (HAD + beta * SL); `sinkhorn` is alpha * gamma * SD.
+Logged terms: `kd` is ULD, alpha * (HAD + beta * SL), or kd_rate * DSKD's KD; `sinkhorn` is
+alpha * gamma * SD (0 for the others).
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from ...config import ConfigError
+from .dskd import DEFAULTS as DSKD_KEYS
+from .dskd import dskd_cma_terms
 
-METHODS = ("ce", "uld", "multilevel_ot")
+METHODS = ("ce", "uld", "multilevel_ot", "dskd")
 ULD_KEYS = {"weight": 1.0, "k": None, "temperature": 1.0, "reduction": "sequence"}
 
 
@@ -40,7 +45,7 @@ class CrossTokenizerObjective:
         from sinkd import MultiLevelOTConfig
 
         values = dict(values or {})
-        known = {"method", "ce_weight", "uld", "multilevel_ot"}
+        known = {"method", "ce_weight", "uld", "multilevel_ot", "dskd"}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"{prefix}.{unknown[0]}: unknown key for task_type cross_tokenizer; valid: {', '.join(sorted(known))}")
@@ -60,6 +65,22 @@ class CrossTokenizerObjective:
             self.mlot = MultiLevelOTConfig.from_dict(values.get("multilevel_ot") or {})
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{prefix}.multilevel_ot.{str(e).splitlines()[0]}") from None
+        dskd = values.get("dskd") or {}
+        bad = sorted(set(dskd) - set(DSKD_KEYS)) if isinstance(dskd, dict) else ["(not a mapping)"]
+        if bad:
+            raise ConfigError(f"{prefix}.dskd.{bad[0]}: unknown key; valid: {', '.join(DSKD_KEYS)}")
+        self.dskd = {**DSKD_KEYS, **dskd}
+        for key, value in self.dskd.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (key != "kd_rate" and value == 0):
+                raise ConfigError(f"{prefix}.dskd.{key}: must be a number {'>= 0' if key == 'kd_rate' else '> 0'}, got {value!r}")
+        if self.dskd["kd_rate"] > 1:
+            raise ConfigError(f"{prefix}.dskd.kd_rate: must be in [0, 1] (the loss is (1 - kd_rate) * CE + kd_rate * KD), "
+                              f"got {self.dskd['kd_rate']}")
+
+    @property
+    def projector_lr(self) -> float | None:
+        """The learning rate of DSKD's projectors (their own parameter group), None for other methods."""
+        return self.dskd["projector_lr"] if self.method == "dskd" else None
 
     def _check_uld(self, prefix: str) -> None:
         from sinkd import uld_loss
@@ -86,6 +107,12 @@ class CrossTokenizerObjective:
             out = multilevel_ot_loss(rows.student, rows.teacher, s_mask, t_mask, config=self.mlot)
             c = self.mlot
             kd, sd = c.alpha * (out.had + c.beta * out.sl), c.alpha * c.gamma * out.sd
+        elif self.method == "dskd":
+            d = self.dskd
+            terms = dskd_cma_terms(rows.extra["projectors"], rows.extra["student_side"], rows.extra["teacher_side"],
+                                   d["temperature"], d["teacher_temperature"])
+            kd = d["kd_rate"] * sum(terms.values())
+            return CrossTerms((1 - d["kd_rate"]) * ce + kd, ce, kd, zero)
         loss = self.ce_weight * ce + kd + sd
         return CrossTerms(loss, ce, kd, sd)
 
@@ -98,4 +125,8 @@ class CrossTokenizerObjective:
             c = self.mlot
             parts.append(f"{c.alpha:g} x (HAD + {c.beta:g} SL + {c.gamma:g} SD) (k {c.k}, eps {c.eps:g}, "
                          f"{c.max_iter} its, tau {c.tau_had:g}/{c.tau_sl:g}/{c.tau_sd:g})")
+        elif self.method == "dskd":
+            d = self.dskd
+            return (f"{1 - d['kd_rate']:g} x ce + {d['kd_rate']:g} x DSKD-CMA (T {d['temperature']:g}, "
+                    f"projector lr {d['projector_lr']:g})")
         return " + ".join(parts)

@@ -1,0 +1,83 @@
+"""The cross-tokenizer job end to end through Ray Data -> Ray Train (2 workers, DeepSpeed ZeRO-2) ->
+export -> evaluation: a tiny Llama teacher speaking SmolLM2's BPE, students speaking MiniLM's
+WordPiece (teacher layers with a transplanted embedding), trained with MultiLevelOT, ULD and CE alone;
+bits per byte of every model recomputed here in plain PyTorch from the texts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from llm_helpers import MINILM, cross_job
+
+from pipelines.tasks import checked_config, get_task
+
+pytestmark = pytest.mark.slow
+
+
+def plain_bpb(model_dir: str, tokenizer_dir, texts: list[str], cap: int, covered_bytes: list[int]) -> dict:
+    """NLL of every block's tokens after the tokenizer's start token, from the text, in plain torch."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
+    nll = tokens = 0.0
+    for text in texts:
+        ids = torch.tensor([[start] + tok(text, add_special_tokens=False)["input_ids"][:cap]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1]
+        nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        tokens += ids.shape[1] - 1
+    return {"bits_per_byte": nll / math.log(2) / sum(covered_bytes), "perplexity": math.exp(nll / tokens)}
+
+
+def loss_log(run_dir: Path, stage: str) -> list[float]:
+    from pipelines.recipes.export import latest_checkpoint
+    from pipelines.train.files import STATE_FILE
+
+    state = json.loads((latest_checkpoint(run_dir / "ray" / stage) / STATE_FILE).read_text())
+    return [loss for _, loss in state["loss_log"]]
+
+
+def test_cross_tokenizer_job_two_workers_zero2_export_and_bits_per_byte(local_ray, tmp_path, tiny_llama, wiki_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipelines.cli import main
+    from pipelines.recipes.job import run_job
+
+    raw = cross_job(tmp_path, tiny_llama, wiki_path, name="mlot",
+                    baselines={"uld": {"method": "uld"}, "ce": {"method": "ce"}})
+    cfg = checked_config(raw)
+    results = run_job(cfg, show_progress=False)
+    run_dir = Path(raw["run_dir"])
+    test = get_task(cfg.task_type).prepare(checked_config(raw)).data.splits["test"].to_pylist()
+    texts = [r["text"] for r in test]
+    for name in ("mlot", "uld", "ce"):
+        model = results["models"][name]
+        path = Path(model["path"])
+        # A plain Hugging Face causal LM that speaks the student's tokenizer.
+        assert AutoModelForCausalLM.from_pretrained(path).config.vocab_size == 30522
+        assert AutoTokenizer.from_pretrained(path).get_vocab() == AutoTokenizer.from_pretrained(MINILM).get_vocab()
+        assert json.loads((path / "sinkd_task.json").read_text())["global_step"] == 2  # 8 blocks / (2 workers x 2)
+        ref = plain_bpb(str(path), MINILM, texts, 24, [r["s_bytes"] for r in test])
+        assert model["test"]["bits_per_byte"] == pytest.approx(ref["bits_per_byte"], rel=1e-4)
+        assert model["test"]["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-4)
+        assert model["layers"] == 2 and math.isfinite(model["val"]["bits_per_byte"])
+    teacher = results["models"]["teacher"]
+    ref = plain_bpb(teacher["path"], tiny_llama, texts, 16, [r["t_bytes"] for r in test])
+    assert teacher["test"]["bits_per_byte"] == pytest.approx(ref["bits_per_byte"], rel=1e-4)
+    # Same initial student and first batches: the first step's loss differs by the distillation terms only.
+    first = {name: loss_log(run_dir, name)[0] for name in ("mlot", "uld", "ce")}
+    assert first["mlot"] > first["ce"] + 1e-4 and first["uld"] > first["ce"] + 1e-4
+    assert all(len(loss_log(run_dir, n)) == 2 for n in first)
+    # `sinkd eval` scores an exported student the way the job did.
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "job.yaml"), "--model", results["models"]["mlot"]["path"]]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[results["models"]["mlot"]["path"]]
+    assert scores["bits_per_byte"] == pytest.approx(results["models"]["mlot"]["test"]["bits_per_byte"], rel=1e-6)

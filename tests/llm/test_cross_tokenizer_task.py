@@ -308,3 +308,20 @@ def test_dskd_under_zero3_is_refused(tmp_path, tiny_llama, wiki_path):
     raw = cross_job(tmp_path, tiny_llama, wiki_path, **{"train.zero_stage": 3, "baselines": {"dskd": {"method": "dskd"}}})
     with pytest.raises(ConfigError, match=r"^baselines.dskd.method: dskd reads the teacher's embedding and LM head whole"):
         checked_config(raw)
+
+
+def test_the_shipped_config_and_its_tune_space_check(tmp_path):
+    """pipelines/configs/cross_tokenizer.yaml (the real SmolLM2 teacher, MiniLM's tokenizer) passes every
+    check, and each value tune_spaces/cross_tokenizer.yaml can take is a valid change of it."""
+    from pathlib import Path
+
+    from pipelines.recipes.tune import check_space_against_config
+    from pipelines.recipes.tune_space import load_space
+    from pipelines.tasks import load_checked_config
+
+    root = Path(__file__).parents[2]
+    cfg = load_checked_config(root / "pipelines/configs/cross_tokenizer.yaml", [f"run_dir={tmp_path / 'run'}"])
+    assert cfg.task_type == "cross_tokenizer" and set(cfg.baselines) == {"uld", "dskd", "ce"}
+    space = load_space(root / "tune_spaces/cross_tokenizer.yaml")
+    assert space.metric == "val_bits_per_byte" and space.mode == "min"
+    check_space_against_config(cfg, space)

@@ -25,6 +25,14 @@ from .objective import CrossTokenizerObjective
 KIND = "causal_lm"  # what it exports: a plain Hugging Face causal LM with the student's tokenizer
 
 
+def side_view(model, ids: torch.Tensor, logits: torch.Tensor, hidden: torch.Tensor, real: torch.Tensor,
+              mask: torch.Tensor) -> Side:
+    """One model's rows of the real blocks as DSKD reads them: row t predicts token t + 1."""
+    ids = ids.to(logits.device)[real]
+    return Side(logits[real], hidden[:, :-1][real].float(), ids[:, :-1], ids[:, 1:], mask,
+                model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+
+
 class CrossTokenizerTask:
     kinds = (KIND,)
 
@@ -101,14 +109,9 @@ class CrossTokenizerTask:
         s_mask = (labels != IGNORE)[real]
         extra = {"student_mask": s_mask, "teacher_mask": t_mask[real]}
         if hidden:
-            t_ids = batch["t_input_ids"].to(w.device)[real]
-            s_ids = batch["s_input_ids"].to(w.device)[real]
-            t_model, s_model = w.teacher.model, student.model
-            extra.update(projectors=student.projectors, student_side=Side(
-                logits[real], out[1][:, :-1][real].float(), s_ids[:, :-1], s_ids[:, 1:], s_mask,
-                s_model.get_input_embeddings().weight, s_model.get_output_embeddings().weight),
-                teacher_side=Side(teacher[real], t_out[1][:, :-1][real].float(), t_ids[:, :-1], t_ids[:, 1:], t_mask[real],
-                                  t_model.get_input_embeddings().weight, t_model.get_output_embeddings().weight))
+            extra.update(projectors=student.projectors,
+                         student_side=side_view(student.model, batch["s_input_ids"], logits, out[1], real, s_mask),
+                         teacher_side=side_view(w.teacher.model, batch["t_input_ids"], teacher, t_out[1], real, t_mask[real]))
         return Rows(logits[real], teacher[real], labels[real], extra=extra)
 
     def validate(self, w: WorkerContext, shard) -> dict:

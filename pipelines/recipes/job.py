@@ -278,13 +278,15 @@ def summary(results: dict) -> str:
     lines = [f"sinkd run: {results['run_dir']}",
              f"data: {data.get('train', 0)} train / {data.get('validation', 0)} validation / {data.get('test', 0)} test rows, "
              f"{results['description']}"]
-    header = f"{'model':<10} {'layers':>6} {'params':>8}  " + "  ".join(f"{'test ' + m:>14}" for m in metrics) + \
-             f"  {'train s':>8} {'ex/s':>7}"
+    name_w = max([10, *map(len, results["models"])])  # columns as wide as their longest entry
+    widths = [max(14, len(f"test {m}")) for m in metrics]
+    header = f"{'model':<{name_w}} {'layers':>6} {'params':>8}  " + \
+        "  ".join(f"{'test ' + m:>{w}}" for m, w in zip(metrics, widths)) + f"  {'train s':>8} {'ex/s':>7}"
     lines += ["", header, "-" * len(header)]
     for name, info in results["models"].items():
         row = model_row(info, metrics)
-        scores = "  ".join(f"{v:>14.4f}" for v in row["scores"])
-        lines.append(f"{name:<10} {row['layers']:>6} {row['params_m']:>7.1f}M  {scores}"
+        scores = "  ".join(f"{v:>{w}.4f}" for v, w in zip(row["scores"], widths))
+        lines.append(f"{name:<{name_w}} {row['layers']:>6} {row['params_m']:>7.1f}M  {scores}"
                      f"  {row['train_s']:>8} {row['examples_per_s']:>7}")
     lines += ["", f"wall time: {results.get('wall_s', 0):.0f} s",
               f"models: {Path(results['run_dir']) / 'models'}",

@@ -44,13 +44,13 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     parameters with their own learning rate (`lr_overrides`: name prefix -> lr, e.g. DSKD's
     projectors): they get groups of their own, which the schedule scales like the others."""
     overrides = getattr(model, "lr_overrides", None) or {}
-    groups: dict = {}
+    groups: dict = {}  # (lr or None, no decay) -> parameters, in the module's parameter order
     for name, p in model.named_parameters():
         if p.requires_grad:
             lr = next((lr for prefix, lr in overrides.items() if name.startswith(prefix)), None)
             groups.setdefault((lr, p.ndim < 2), []).append(p)
-    return [{"params": params, "weight_decay": 0.0 if no_decay else weight_decay, **({"lr": lr} if lr is not None else {})}
-            for (lr, no_decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0] is not None, kv[0][0] or 0, kv[0][1]))]
+    return [{"params": params, "weight_decay": 0.0 if no_decay else weight_decay, **({} if lr is None else {"lr": lr})}
+            for (lr, no_decay), params in groups.items()]
 
 
 def student_engine(student, t: TrainConfig, ds_config: dict):

@@ -1,7 +1,8 @@
 """The cross-tokenizer job end to end through Ray Data -> Ray Train (2 workers, DeepSpeed ZeRO-2) ->
 export -> evaluation: a tiny Llama teacher speaking SmolLM2's BPE, students speaking MiniLM's
-WordPiece (teacher layers with a transplanted embedding), trained with MultiLevelOT, ULD, DSKD-CMA
-and CE alone; bits per byte of every model recomputed here in plain PyTorch from the texts."""
+WordPiece (teacher layers with a transplanted embedding), trained with MultiLevelOT, DSKD-CMA and CE
+alone (ULD takes MultiLevelOT's path with another loss: its terms are tested without Ray); bits per
+byte of every model recomputed here in plain PyTorch from the texts."""
 
 from __future__ import annotations
 
@@ -51,13 +52,13 @@ def test_cross_tokenizer_job_two_workers_zero2_export_and_bits_per_byte(local_ra
     from pipelines.recipes.job import run_job
 
     raw = cross_job(tmp_path, tiny_llama, wiki_path, name="mlot",
-                    baselines={"uld": {"method": "uld"}, "dskd": {"method": "dskd"}, "ce": {"method": "ce"}})
+                    baselines={"dskd": {"method": "dskd"}, "ce": {"method": "ce"}})
     cfg = checked_config(raw)
     results = run_job(cfg, show_progress=False)
     run_dir = Path(raw["run_dir"])
     test = get_task(cfg.task_type).prepare(checked_config(raw)).data.splits["test"].to_pylist()
     texts = [r["text"] for r in test]
-    for name in ("mlot", "uld", "dskd", "ce"):
+    for name in ("mlot", "dskd", "ce"):
         model = results["models"][name]
         path = Path(model["path"])
         # A plain Hugging Face causal LM that speaks the student's tokenizer.
@@ -72,8 +73,8 @@ def test_cross_tokenizer_job_two_workers_zero2_export_and_bits_per_byte(local_ra
     ref = plain_bpb(teacher["path"], tiny_llama, texts, 16, [r["t_bytes"] for r in test])
     assert teacher["test"]["bits_per_byte"] == pytest.approx(ref["bits_per_byte"], rel=1e-4)
     # Same initial student and first batches: the first step's loss differs by the distillation terms only.
-    first = {name: loss_log(run_dir, name)[0] for name in ("mlot", "uld", "dskd", "ce")}
-    assert first["mlot"] > first["ce"] + 1e-4 and first["uld"] > first["ce"] + 1e-4
+    first = {name: loss_log(run_dir, name)[0] for name in ("mlot", "dskd", "ce")}
+    assert first["mlot"] > first["ce"] + 1e-4
     assert first["dskd"] != pytest.approx(first["ce"], abs=1e-4)  # 0.5 CE + 0.5 (t2s_CE + KD terms)
     # DSKD's projectors were trained in the stage and are exported beside the model, not inside it.
     projectors = torch.load(Path(results["models"]["dskd"]["path"]) / "projectors.pt")

@@ -65,16 +65,26 @@ def builtin_objectives(cfg: Config) -> dict:
 
 
 def available_objectives(cfg: Config) -> dict:
-    """The built-ins and the job's baselines (merged over its objective, as the job trains them); a
-    baseline named like a built-in replaces it: the job's own definition is what its user means."""
-    out = builtin_objectives(cfg)
+    """The built-ins the job's task can train (a student with another vocabulary takes no token-level
+    KL: task_type cross_tokenizer keeps `sinkd`, the job's own objective) and the job's baselines
+    (merged over its objective, as the job trains them); a baseline named like a built-in replaces
+    it: the job's own definition is what its user means."""
+    task = get_task(cfg.task_type)
+    out = {}
+    for name, objective in builtin_objectives(cfg).items():
+        try:
+            task.objective(objective)
+        except ConfigError:
+            continue
+        out[name] = objective
     out.update({name: {**cfg.objective, **over} for name, over in cfg.baselines.items()})
     return out
 
 
 def default_names(cfg: Config) -> list[str]:
-    """ce, kd, the job's objective and its baselines."""
-    return list(dict.fromkeys(["ce", "kd", "sinkd", *cfg.baselines]))
+    """ce, kd, the job's objective and its baselines (those the task can train)."""
+    known = available_objectives(cfg)
+    return [n for n in dict.fromkeys(["ce", "kd", "sinkd", *cfg.baselines]) if n in known]
 
 
 def resolve_objectives(cfg: Config, names: list[str] | None) -> dict:

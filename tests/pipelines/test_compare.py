@@ -149,6 +149,18 @@ def test_objective_names_defaults_and_what_each_means():
     assert compare.seed_list(_cfg(seed=7), 3) == [7, 8, 9]
 
 
+def test_a_cross_tokenizer_job_compares_its_own_objectives_only():
+    """The built-ins are same-vocabulary objectives (KL and friends on aligned logits): a job whose
+    student has another vocabulary compares its own objective and its baselines (its `ce` replaces
+    the built-in), and naming a built-in it cannot train is an unknown name, not a crash."""
+    cfg = Config.from_dict({"task_type": "cross_tokenizer", "objective": {"method": "multilevel_ot"},
+                            "baselines": {"uld": {"method": "uld"}, "ce": {"method": "ce"}}})
+    assert compare.default_names(cfg) == ["ce", "sinkd", "uld"]
+    assert compare.available_objectives(cfg)["ce"] == {"method": "ce"}
+    with pytest.raises(ConfigError, match=r"^--objectives: unknown objective 'kd'; valid: sinkd, uld, ce$"):
+        compare.resolve_objectives(cfg, ["kd"])
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda cfg: compare.resolve_objectives(cfg, ["kd", "dpo"]),
      "--objectives: unknown objective 'dpo'; valid: ce, kd, rkl, js, tvd, skew_kl, sinkd, sinkd_paper, sk"),

@@ -43,7 +43,7 @@ def test_gguf_teacher_by_pkg_path_resolves_without_importing_the_package(tmp_pat
     ({"lm.format": "prompt_response"}, "data.files.train: lm.format prompt_response needs jsonl records, got wiki_xml"),
     ({"data.max_length": 4}, "data.max_length: a causal-LM block needs >= 8 tokens, got 4"),
     ({"data.files": {"train": "nowhere.txt"}}, "data.files.train: file not found"),
-    ({"task_type": "lm"}, "task_type: must be one of classification, causal_lm, got 'lm'"),
+    ({"task_type": "lm"}, "task_type: must be one of classification, causal_lm, cross_tokenizer, got 'lm'"),
     ({"teacher.finetune": "always"}, "teacher.finetune: a causal-LM teacher is used as given"),
     ({"teacher.cache_logits": True}, "teacher.cache_logits: classification only"),
     ({"objective.sinkhorn": {"mode": "sample"}}, "objective.sinkhorn.mode: 'sample' is O(V^2) per token"),

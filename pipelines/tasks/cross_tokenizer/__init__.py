@@ -1,8 +1,8 @@
 """Cross-tokenizer distillation (issue 16): a decoder-only teacher and a student with different
-vocabularies. Both tokenise the same text blocks (data.paired_blocks); the student is trained with a
-ranked-distribution loss from sinkd.cross_vocab (ULD, MultiLevelOT: objective.CrossTokenizerObjective)
-against the live teacher, and every model is scored in bits per byte, the one figure comparable
-across tokenizers (metrics)."""
+vocabularies. Both tokenise the same text blocks (data.paired_blocks); the student is trained against
+the live teacher with a ranked-distribution loss from sinkd.cross_vocab (ULD, MultiLevelOT) or DSKD's
+cross-model attention (dskd.py), chosen by objective.CrossTokenizerObjective, and every model is
+scored in bits per byte, the one figure comparable across tokenizers (metrics)."""
 
 from __future__ import annotations
 

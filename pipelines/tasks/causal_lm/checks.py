@@ -119,18 +119,28 @@ def _config_int(directory: Path, key: str) -> int:
     return value
 
 
-def check_lm_models(cfg: Config) -> None:
-    """Teacher (HF directory or GGUF) and student: a causal LM each, one shared tokenizer."""
-    directory, gguf = teacher_source(cfg)
+def check_decoder_teacher(directory: Path, gguf: str | None) -> None:
+    """A teacher directory must hold a decoder-only causal LM (a GGUF file always does)."""
     if gguf is None:
         conf = model_config(directory)
         if conf.get("is_encoder_decoder") or not any(a.endswith("ForCausalLM") for a in conf.get("architectures") or ["ForCausalLM"]):
             raise ConfigError(f"teacher.path: {directory} is not a decoder-only causal LM ({conf.get('architectures')})")
+
+
+def check_teacher_layers(cfg: Config, directory: Path, gguf: str | None) -> None:
+    """student.layers (init teacher_layers): distinct indices of the teacher's layers."""
+    layers, chosen = teacher_layer_count(directory, gguf), cfg.student.layers
+    if not chosen or len(set(chosen)) != len(chosen) or not all(0 <= i < layers for i in chosen):
+        raise ConfigError(f"student.layers: must be distinct indices of the teacher's {layers} layers, got {chosen}")
+
+
+def check_lm_models(cfg: Config) -> None:
+    """Teacher (HF directory or GGUF) and student: a causal LM each, one shared tokenizer."""
+    directory, gguf = teacher_source(cfg)
+    check_decoder_teacher(directory, gguf)
     s = cfg.student
     if s.init == "teacher_layers":
-        layers = teacher_layer_count(directory, gguf)
-        if not s.layers or len(set(s.layers)) != len(s.layers) or not all(0 <= i < layers for i in s.layers):
-            raise ConfigError(f"student.layers: must be distinct indices of the teacher's {layers} layers, got {s.layers}")
+        check_teacher_layers(cfg, directory, gguf)
     elif s.init == "config":
         if "vocab_size" in s.config:
             t_vocab = teacher_vocab_size(directory, gguf)

@@ -6,13 +6,10 @@ larger than its model's embedding."""
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
 from ...config import Config, ConfigError, model_config, model_dir, resolve_path
-from ..causal_lm.checks import check_causal_lm, teacher_layer_count, teacher_source
+from ..causal_lm.checks import check_causal_lm, check_decoder_teacher, check_teacher_layers, teacher_source
 from ..common import backend_digest, check_student_keys, load_tokenizer
-
-MODES = ("pretrained", "config", "teacher_layers")
 
 
 @lru_cache(maxsize=4)
@@ -73,23 +70,15 @@ def check_cross_tokenizer(cfg: Config) -> None:
     if cfg.lm.student_max_length is not None and cfg.lm.student_max_length < 8:
         raise ConfigError(f"lm.student_max_length: must be >= 8, got {cfg.lm.student_max_length}")
     directory, gguf = teacher_source(cfg)
-    teacher_rows = None
-    if gguf is None:
-        conf = model_config(directory)
-        teacher_rows = conf.get("vocab_size")
-        if conf.get("is_encoder_decoder") or not any(a.endswith("ForCausalLM") for a in conf.get("architectures") or ["ForCausalLM"]):
-            raise ConfigError(f"teacher.path: {directory} is not a decoder-only causal LM ({conf.get('architectures')})")
+    check_decoder_teacher(directory, gguf)
+    teacher_rows = None if gguf else model_config(directory).get("vocab_size")  # a GGUF's vocabulary is its tokenizer's
     s = cfg.student
-    if s.init not in MODES:
-        raise ConfigError(f"student.init: must be one of {', '.join(MODES)}, got {s.init!r}")
     check_student_keys(cfg, own_tokenizer=True)
     student_rows = None
     if s.init == "pretrained":
         student_rows = model_config(model_dir(s.path, "student.path")).get("vocab_size")
     elif s.init == "teacher_layers":
-        layers = teacher_layer_count(Path(directory), gguf)
-        if not s.layers or len(set(s.layers)) != len(s.layers) or not all(0 <= i < layers for i in s.layers):
-            raise ConfigError(f"student.layers: must be distinct indices of the teacher's {layers} layers, got {s.layers}")
+        check_teacher_layers(cfg, directory, gguf)
     tok_dir = student_tokenizer_dir(cfg)
     student_tok = load_tokenizer(tok_dir)
     if s.init == "config" and "vocab_size" in s.config and s.config["vocab_size"] < len(student_tok):

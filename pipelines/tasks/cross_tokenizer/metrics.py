@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ...config import Config
 from ..causal_lm.data import IGNORE
 from ..causal_lm.models import load_causal_lm
-from ..common import PAD_ID, actor_resources, backend_digest, load_tokenizer, to_frame
+from ..common import PAD_ID, actor_resources, to_frame, tokenizer_identity
 from ..protocol import WorkerContext
 from ..shipping import fetch, ship
 from .data import CrossData, PairCollate
@@ -74,7 +74,7 @@ class PairScorer:
 
 def model_side(model_dir: str, teacher_dir: str) -> str:
     """"t" for a model that speaks the teacher's tokenizer, else "s" (the students)."""
-    return "t" if backend_digest(load_tokenizer(fetch(model_dir))) == backend_digest(load_tokenizer(teacher_dir)) else "s"
+    return "t" if tokenizer_identity(fetch(model_dir)) == tokenizer_identity(teacher_dir) else "s"
 
 
 def evaluate_pairs(model_dir: str, cfg: Config, data: CrossData, teacher_dir: str, split: str = "test", cpus: float = 1.0, actors: int = 1, gpus: float = 0.0) -> dict:

@@ -119,11 +119,14 @@ class LogitCacheConfig:
 
 @dataclass
 class LMConfig:
-    format: Literal["packed", "prompt_response"] = "packed"
+    format: Literal["packed", "prompt_response", "prompt_continuation"] = "packed"
     file_format: Optional[Literal["txt", "jsonl", "wiki_xml"]] = None  # default: from the suffix
     text_column: str = "text"  # jsonl, packed
     prompt_column: str = "prompt"  # jsonl, prompt_response
     response_column: str = "response"
+    prompt_words: int = 32  # prompt_continuation: the first words of each paragraph are the prompt,
+    response_words: int = 16  # the next words its reference response
+    max_new_tokens: Optional[int] = None  # prompt formats: greedy tokens generated per test prompt (Rouge-L); default 32
     max_documents: Optional[int] = None  # read at most this many documents (articles, lines, records) per file
     min_document_chars: int = 1  # shorter documents (e.g. wiki redirects after markup removal) are skipped
     student_max_length: Optional[int] = None  # cross_tokenizer: student tokens kept per block (default 2 x data.max_length)

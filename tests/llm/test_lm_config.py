@@ -36,7 +36,7 @@ def test_gguf_teacher_by_pkg_path_resolves_without_importing_the_package(tmp_pat
 @pytest.mark.parametrize("over,message", [
     ({"lm.cache.topk": 0}, "lm.cache.topk: must be > 0, got 0"),
     ({"lm.cache.batch_size": "big"}, "lm.cache.batch_size: expected an integer, got 'big'"),
-    ({"lm.format": "chat"}, "lm.format: must be one of packed, prompt_response, got 'chat'"),
+    ({"lm.format": "chat"}, "lm.format: must be one of packed, prompt_response, prompt_continuation, got 'chat'"),
     ({"lm.cahce": {}}, "lm.cahce: unknown key (did you mean 'cache'?)"),
     ({"lm.cache.num_gpus": 1}, "lm.cache.num_gpus: the teacher runs on GPUs only with scaling.use_gpu: true"),
     ({"lm.max_documents": 0}, "lm.max_documents: must be > 0, got 0"),

@@ -40,6 +40,10 @@ def check_causal_lm(cfg: Config) -> None:
         raise ConfigError(f"data.max_length: a causal-LM block needs >= 8 tokens, got {d.max_length}")
     if lm.max_documents is not None and lm.max_documents < 1:
         raise ConfigError(f"lm.max_documents: must be > 0, got {lm.max_documents}")
+    for name in ("prompt_words", "response_words", "max_new_tokens"):
+        value = getattr(lm, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"lm.{name}: must be > 0, got {value}")
     if lm.min_document_chars < 1:
         raise ConfigError(f"lm.min_document_chars: must be > 0, got {lm.min_document_chars}")
     c = lm.cache

@@ -4,7 +4,10 @@
   Wikipedia XML dump, markup removed by gensim's `filter_wiki`) are tokenised, joined with EOS and cut
   into blocks of `data.max_length` tokens; every token is a label.
 - Prompt/response (`lm.format: prompt_response`): one jsonl record a row, prompt + response + EOS;
-  labels are -100 on the prompt, so the loss covers response tokens only.
+  labels are -100 on the prompt, so the loss covers response tokens only; the row keeps the
+  response's text (`response`), the reference greedy generations are scored against (Rouge-L).
+- Prompt/continuation (`lm.format: prompt_continuation`): the same rows, cut from the documents'
+  paragraphs (prompts.py: the first `lm.prompt_words` words, then `lm.response_words`).
 Labels are the input ids themselves (the model shifts them: logits at t predict the token at t + 1).
 Splits come from data.files, else whole documents are carved out of train (seeded). Rows are
 checked as they are read: errors name the file and line.
@@ -26,8 +29,19 @@ from ...config import Config
 from ..common import (PAD_ID, DataError, attention_mask, carve, carved_size, load_tokenizer, padded, padded_rows, shuffled,
                       subsample)
 from .checks import lm_file_format
+from .prompts import continuation_records
 
 IGNORE = -100  # label of tokens outside the loss (prompt, padding)
+PROMPT_FORMATS = ("prompt_response", "prompt_continuation")  # rows of a prompt and a response: loss on the response
+
+
+def record_where(cfg: Config, split: str, number: int) -> str:
+    """Where a prompt/response record came from, for errors: the file and its line (jsonl), or the
+    file and the passage's number in its split (prompt_continuation; carved splits come from train's file)."""
+    where = cfg.data.files.get(split, cfg.data.files["train"])
+    if cfg.lm.format == "prompt_response":
+        return f"{where} line {number}"
+    return f"{where} passage {number} of the {split} split"
 
 
 @dataclass
@@ -145,7 +159,7 @@ def read_split(cfg: Config, split: str) -> list:
     """Documents (str) for packing, or (line, prompt, response) records, of one split's file."""
     lm, path = cfg.lm, Path(cfg.data.files[split])
     fmt = lm_file_format(cfg, path)
-    if lm.format == "prompt_response":
+    if lm.format == "prompt_response":  # prompt_continuation reads documents (cut into records in read_documents)
         recs = _jsonl_records(path, [lm.prompt_column, lm.response_column], cfg.data.encoding, lm.max_documents, 1)
         return [(line, p, r) for line, (p, r) in recs]
     if fmt == "wiki_xml":
@@ -179,6 +193,14 @@ def prompt_response_row(prompt: list[int], response: list[int], eos_id: int, max
     return ids, labels
 
 
+def prompt_rows(table: pa.Table):
+    """A prompt/response split as generation reads it: (ids, prompt ids: the tokens before the first
+    label, reference response texts)."""
+    prompts = [ids[:next(i for i, lab in enumerate(labels) if lab != IGNORE)]
+               for ids, labels in zip(table["input_ids"].to_pylist(), table["labels"].to_pylist())]
+    return table["id"].to_pylist(), prompts, table["response"].to_pylist()
+
+
 def _table(ids_rows, label_rows, first_id: int = 0) -> pa.Table:
     return pa.table({"id": pa.array(np.arange(first_id, first_id + len(ids_rows)), pa.int64()),
                      "input_ids": pa.array([list(map(int, r)) for r in ids_rows], pa.list_(pa.int32())),
@@ -189,13 +211,13 @@ def tokenize_split(cfg: Config, tokenizer, split: str, items: list) -> pa.Table:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("teacher.path: the tokenizer has no EOS token to separate documents")
-    if cfg.lm.format == "prompt_response":
+    if cfg.lm.format in PROMPT_FORMATS:
         prompts = tokenizer([p for _, p, _ in items], add_special_tokens=False)["input_ids"]
         responses = tokenizer([r for _, _, r in items], add_special_tokens=False)["input_ids"]
-        where = cfg.data.files.get(split, cfg.data.files["train"])  # carved splits come from train's file
-        rows = [prompt_response_row(p, r, eos, cfg.data.max_length, f"{where} line {line}")
+        rows = [prompt_response_row(p, r, eos, cfg.data.max_length, record_where(cfg, split, line))
                 for (line, _, _), p, r in zip(items, prompts, responses)]
-        return _table([r[0] for r in rows], [r[1] for r in rows])
+        table = _table([r[0] for r in rows], [r[1] for r in rows])
+        return table.append_column("response", pa.array([r for _, _, r in items], pa.string()))
     blocks = pack_blocks(tokenizer(items, add_special_tokens=False)["input_ids"], cfg.data.max_length, eos)
     if len(blocks) == 0:
         raise DataError(f"data.files.{split}: fewer than data.max_length={cfg.data.max_length} tokens in the split")
@@ -204,7 +226,9 @@ def tokenize_split(cfg: Config, tokenizer, split: str, items: list) -> pa.Table:
 
 def read_documents(cfg: Config) -> tuple[dict[str, list], list[str], dict[str, str]]:
     """Every split's documents (or records): data.files, with validation and test carved out of
-    train's documents (seeded) where they have no file. Returns (split -> items, notes, split -> source)."""
+    train's documents (seeded) where they have no file; with lm.format prompt_continuation, each
+    split's documents are then cut into (passage, prompt, response) records (after carving, so an
+    article's records stay in one split). Returns (split -> items, notes, split -> source)."""
     d = cfg.data
     raw = {split: read_split(cfg, split) for split in d.files}
     notes = []
@@ -219,6 +243,12 @@ def read_documents(cfg: Config) -> tuple[dict[str, list], list[str], dict[str, s
             raw[s] = [docs[i] for i in index]
         raw["train"] = [docs[i] for i in rest]
         notes.append(f"{' and '.join(f'{s} ({n})' for s, n in sizes)} documents carved out of train (seed {cfg.seed})")
+    if cfg.lm.format == "prompt_continuation":
+        for split, docs in raw.items():
+            raw[split] = continuation_records(docs, cfg.lm.prompt_words, cfg.lm.response_words)
+            if not raw[split]:
+                raise DataError(f"data.files.{split if split in d.files else 'train'}: no paragraph of the {split} documents has "
+                                f"lm.prompt_words + lm.response_words = {cfg.lm.prompt_words + cfg.lm.response_words} words")
     train_file = Path(d.files["train"]).name
     sources = {split: Path(d.files[split]).name if split in d.files else f"carved out of {train_file} (seed {cfg.seed})"
                for split in raw}
@@ -250,7 +280,8 @@ def padding_rows(template: pa.Table, extra: int) -> pa.Table:
     """`extra` rows shaped like the template's first row: id -1, labels all -100, zeros elsewhere."""
     first = template.slice(0, 1).to_pylist()[0]
     row = {k: (PAD_ID if k == "id" else [IGNORE] * len(v) if k == "labels" else
-               [type(v[0])(0)] * len(v) if isinstance(v, list) else 0) for k, v in first.items()}
+               [type(v[0])(0)] * len(v) if isinstance(v, list) else "" if isinstance(v, str) else 0)
+           for k, v in first.items()}
     return pa.Table.from_pylist([row] * extra, schema=template.schema)
 
 

@@ -128,7 +128,7 @@ def test_pair_collate_masks_padding_rows_and_pads_each_side_to_its_own_longest_r
 @pytest.mark.parametrize("over, message", [
     ({"student.tokenizer": None}, r"^student.tokenizer: required with student.init: teacher_layers"),
     ({"student.tokenizer": "/no/such/dir"}, r"^student.tokenizer: directory not found /no/such/dir$"),
-    ({"lm.format": "prompt_response"}, r"^lm.format: cross_tokenizer reads packed text so far"),
+    ({"lm.format": "prompt_response"}, r"^data.files.train: lm.format prompt_response needs jsonl records, got wiki_xml"),
     ({"lm.cache.enabled": True}, r"^lm.cache.enabled: cross_tokenizer runs its teacher live"),
     ({"student.layers": [0, 9]}, r"^student.layers: must be distinct indices of the teacher's 4 layers, got \[0, 9\]$"),
     ({"student.init": "config", "student.layers": None, "student.config": {"vocab_size": 100}},

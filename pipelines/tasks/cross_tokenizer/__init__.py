@@ -12,6 +12,7 @@ import torch
 
 from ...config import Config, model_config
 from ..causal_lm.data import IGNORE
+from ..causal_lm.metrics import metrics_for
 from ..causal_lm.models import build_teacher, hf_teacher_dir
 from ..common import PAD_ID, epoch_shape, load_tokenizer
 from ..protocol import Prepared, Rows, Stage, StageMeta, WorkerContext
@@ -42,7 +43,7 @@ class CrossTokenizerTask:
     def prepare(self, cfg: Config) -> Prepared:
         teacher_dir = hf_teacher_dir(cfg)
         data = load_cross_task(cfg, load_tokenizer(teacher_dir), load_tokenizer(student_tokenizer_dir(cfg)))
-        return Prepared(data, teacher_dir, False, list(METRICS),
+        return Prepared(data, teacher_dir, False, metrics_for(cfg, METRICS),
                         f"teacher vocabulary {data.teacher_vocab:,}, student vocabulary {data.student_vocab:,}", data.notes)
 
     def fingerprint(self, cfg: Config) -> dict:
@@ -105,7 +106,7 @@ class CrossTokenizerTask:
         with torch.no_grad():  # every rank runs the teacher on its whole batch (ZeRO-3 gathers in step)
             t_out = w.teacher(**side_inputs(batch, "t", w.device), hidden=hidden)
         teacher = (t_out[0] if hidden else t_out)[:, :-1].float()
-        t_mask = batch["t_attention_mask"][:, 1:].bool().to(w.device)
+        t_mask = (batch["t_labels"][:, 1:] != IGNORE).to(w.device)  # the rows predicting response (or block) tokens
         s_mask = (labels != IGNORE)[real]
         extra = {"student_mask": s_mask, "teacher_mask": t_mask[real]}
         if hidden:

@@ -55,9 +55,6 @@ def check_tokenizer_pair(teacher_tok, student_tok, teacher_rows: int | None = No
 
 def check_cross_tokenizer(cfg: Config) -> None:
     """Everything above; one-line ConfigErrors naming the key."""
-    if cfg.lm.format != "packed":
-        raise ConfigError(f"lm.format: cross_tokenizer reads packed text so far, got {cfg.lm.format!r} "
-                          "(prompt/response pairs with masks on both sides are not built yet)")
     check_causal_lm(cfg)
     objectives = {"objective": cfg.objective, **{f"baselines.{n}": {**cfg.objective, **o} for n, o in cfg.baselines.items()}}
     for key, objective in objectives.items():

@@ -9,6 +9,14 @@ predicted on both sides, from the same context. Re-tokenising a substring can di
 document's tokens at the cut (a merge across it): a side longer than its max length is truncated and
 counted, never silently dropped, and each side's `*_bytes` are the UTF-8 bytes its kept tokens cover:
 summed NLL / ln 2 / those bytes is bits per byte, comparable whatever the tokenizers.
+
+Prompt/response rows (lm.format prompt_response or prompt_continuation, records as causal_lm reads
+them): each side is its start token, the prompt and the response tokenised apart by its own
+tokenizer (no special tokens), then its end token (EOS, else SEP), at most the side's max length
+after the start token (the response is cut, the end token first). `{side}_response_start` is the
+position of the first response token: the rows predicting it and what follows (the end token
+included) are the side's scored rows, in the loss and in every metric; `*_bytes` are the UTF-8 bytes
+of the response the side's kept response tokens cover. Packed blocks have `*_response_start` 1.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import pyarrow as pa
 from ray.data.collate_fn import ArrowBatchCollateFn
 
 from ...config import Config
-from ..causal_lm.data import IGNORE, read_documents
+from ..causal_lm.data import IGNORE, PROMPT_FORMATS, read_documents, record_where
 from ..common import (
     PAD_ID,
     DataError,
@@ -52,14 +60,16 @@ class CrossData:
     available: dict[str, int] = field(default_factory=dict)  # split -> blocks before data.max_*_examples
     sources: dict[str, str] = field(default_factory=dict)
     truncated: dict[str, dict] = field(default_factory=dict)  # split -> PairedBlocks.truncated
+    end_tokens: dict[str, int | None] = field(default_factory=dict)  # side -> the token a response ends with
 
     def sizes(self) -> dict[str, int]:
         return {k: v.num_rows for k, v in self.splits.items()}
 
     def tokens(self, split: str, side: str) -> int:
-        """Predicted tokens of one side ("t" or "s") in a split (all but the start token of each block)."""
-        lengths = np.diff(self.splits[split].column(f"{side}_input_ids").combine_chunks().offsets.to_numpy())
-        return int((lengths - 1).sum())
+        """Predicted (scored) tokens of one side ("t" or "s") in a split: from each row's response start on."""
+        table = self.splits[split]
+        lengths = np.diff(table.column(f"{side}_input_ids").combine_chunks().offsets.to_numpy())
+        return int((lengths - table.column(f"{side}_response_start").to_numpy()).sum())
 
     def text_bytes(self, split: str, side: str) -> int:
         return int(self.splits[split].column(f"{side}_bytes").to_numpy().sum())
@@ -72,6 +82,15 @@ def start_token(tokenizer, key: str) -> int:
         if isinstance(value, int):
             return value
     raise DataError(f"{key}: the tokenizer has no BOS, CLS or EOS token to start a block with")
+
+
+def end_token(tokenizer, key: str) -> int:
+    """The id a response ends with: EOS, else SEP (what a WordPiece tokenizer closes a text with)."""
+    for name in ("eos_token_id", "sep_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    raise DataError(f"{key}: the tokenizer has no EOS or SEP token to end a response with")
 
 
 def block_spans(offsets: list[tuple[int, int]], text_length: int, max_length: int, min_tokens: int = 2) -> list[tuple[int, int]]:
@@ -123,8 +142,56 @@ def paired_blocks(documents: list[str], teacher_tok, student_tok, max_length: in
         "text_bytes": pa.array([len(t.encode("utf-8")) for t in texts], pa.int64()),
         "t_input_ids": pa.array(t_ids, pa.list_(pa.int32())), "t_bytes": pa.array(t_bytes, pa.int64()),
         "s_input_ids": pa.array(s_ids, pa.list_(pa.int32())), "s_bytes": pa.array(s_bytes, pa.int64()),
+        "t_response_start": pa.array([1] * len(texts), pa.int64()), "s_response_start": pa.array([1] * len(texts), pa.int64()),
     })
     return PairedBlocks(table, {"teacher": t_cut, "student": s_cut})
+
+
+def _prompt_side(tok, prompts: list[str], responses: list[str], max_length: int, start: int, end: int, key: str,
+                 side: str, wheres: list[str]) -> tuple[list, list[int], list[int], int]:
+    """(ids, response start positions, response bytes the kept tokens cover, rows cut) of one side."""
+    p_ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    enc = tok(responses, add_special_tokens=False, return_offsets_mapping=True)
+    rows, starts, covered, cut = [], [], [], 0
+    for where, prompt, response, r_ids, offsets in zip(wheres, p_ids, responses, enc["input_ids"], enc["offset_mapping"]):
+        room = max_length - len(prompt)  # tokens after the start token and the prompt
+        if room < 2:
+            raise DataError(f"{where}: the prompt has {len(prompt)} {side} tokens, no room for a response within "
+                            f"{key}={max_length}")
+        kept = (r_ids + [end])[:room]
+        n = min(len(r_ids), room)  # response tokens kept (the end token aside)
+        if n == 0:
+            raise DataError(f"{where}: the response ({response[:40]!r}) has no {side} token after truncation to "
+                            f"{key}={max_length} (the {side}'s tokenizer drops all of it)")
+        cut += n < len(r_ids)
+        rows.append([start] + prompt + kept)
+        starts.append(1 + len(prompt))
+        covered.append(len((response if n == len(r_ids) else response[:offsets[n - 1][1]]).encode("utf-8")))
+    return rows, starts, covered, cut
+
+
+def prompt_pairs(records: list[tuple], teacher_tok, student_tok, max_length: int, student_max_length: int,
+                 wheres: list[str]) -> PairedBlocks:
+    """Rows of (number, prompt, response) records (module docstring); `wheres` names each record in errors."""
+    prompts, responses = [r[1] for r in records], [r[2] for r in records]
+    sides = {}
+    for side, key, tok, cap in (("t", "data.max_length", teacher_tok, max_length),
+                                ("s", "lm.student_max_length", student_tok, student_max_length)):
+        if not getattr(tok, "is_fast", False):
+            raise DataError(f"{'teacher.path' if side == 't' else 'student.tokenizer'}: a fast tokenizer (with character "
+                            f"offsets) is needed to count response bytes, got {type(tok).__name__}")
+        start = start_token(tok, "teacher.path" if side == "t" else "student.tokenizer")
+        end = end_token(tok, "teacher.path" if side == "t" else "student.tokenizer")
+        sides[side] = _prompt_side(tok, prompts, responses, cap, start, end, key,
+                                   "teacher" if side == "t" else "student", wheres)
+    columns = {"id": pa.array(range(len(records)), pa.int64()),
+               "text": pa.array([p + r for p, r in zip(prompts, responses)], pa.string()),
+               "text_bytes": pa.array([len(r.encode("utf-8")) for r in responses], pa.int64()),
+               "response": pa.array(responses, pa.string())}
+    for side, (ids, starts, covered, _) in sides.items():
+        columns.update({f"{side}_input_ids": pa.array(ids, pa.list_(pa.int32())), f"{side}_bytes": pa.array(covered, pa.int64()),
+                        f"{side}_response_start": pa.array(starts, pa.int64())})
+    return PairedBlocks(pa.table(columns), {"teacher": sides["t"][3], "student": sides["s"][3]})
 
 
 def student_max_length(cfg: Config) -> int:
@@ -137,8 +204,12 @@ def load_cross_task(cfg: Config, teacher_tok, student_tok) -> CrossData:
     raw, notes, sources = read_documents(cfg)
     splits, available, truncated = {}, {}, {}
     for i, split in enumerate(("train", "validation", "test")):
-        where = f"data.files.{split}" if split in d.files else f"data.files.train ({split} carved out of it)"
-        blocks = paired_blocks(raw[split], teacher_tok, student_tok, d.max_length, student_max_length(cfg), where)
+        if cfg.lm.format in PROMPT_FORMATS:
+            wheres = [record_where(cfg, split, number) for number, _, _ in raw[split]]
+            blocks = prompt_pairs(raw[split], teacher_tok, student_tok, d.max_length, student_max_length(cfg), wheres)
+        else:
+            where = f"data.files.{split}" if split in d.files else f"data.files.train ({split} carved out of it)"
+            blocks = paired_blocks(raw[split], teacher_tok, student_tok, d.max_length, student_max_length(cfg), where)
         table, truncated[split] = blocks.table, blocks.truncated
         available[split] = table.num_rows
         table = subsample(table, d.max_train_examples if split == "train" else d.max_eval_examples, cfg.seed + 1 + i)
@@ -148,14 +219,16 @@ def load_cross_task(cfg: Config, teacher_tok, student_tok) -> CrossData:
     cut = {side: sum(t[side] for t in truncated.values()) for side in ("teacher", "student")}
     notes += [f"{n} block(s) cut to the {side}'s max length ({'data.max_length' if side == 'teacher' else 'lm.student_max_length'})"
               for side, n in cut.items() if n]
+    ends = {"t": end_token(teacher_tok, "teacher.path"), "s": end_token(student_tok, "student.tokenizer")}
     return CrossData(splits, len(teacher_tok), len(student_tok), notes, {s: len(v) for s, v in raw.items()},
-                     available, sources, truncated)
+                     available, sources, truncated, ends)
 
 
 class PairCollate(ArrowBatchCollateFn):
     """Arrow rows -> each side's input_ids and attention_mask ("t_", "s_"), padded to the batch's
-    longest row of that side with id 0 (a valid id of any vocabulary, masked out); the student's
-    labels (its ids, -100 on padding); ids; each side's bytes. Padding rows (id -1) get all-zero masks."""
+    longest row of that side with id 0 (a valid id of any vocabulary, masked out); each side's labels
+    (its ids from `*_response_start` on, where the rows have that column; -100 before it and on
+    padding); ids; each side's bytes. Padding rows (id -1) get all-zero masks."""
 
     def __call__(self, batch: pa.Table) -> dict:
         import torch
@@ -168,7 +241,10 @@ class PairCollate(ArrowBatchCollateFn):
             mask = attention_mask(batch.column(f"{side}_input_ids"), ids.shape[1]) * real
             out[f"{side}_input_ids"], out[f"{side}_attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
             out[f"{side}_bytes"] = torch.from_numpy(batch.column(f"{side}_bytes").to_numpy().astype(np.int64) * real[:, 0])
-        out["s_labels"] = torch.where(out["s_attention_mask"].bool(), out["s_input_ids"], IGNORE)
+            name = f"{side}_response_start"
+            start = batch.column(name).to_numpy().astype(np.int64) if name in batch.column_names else np.zeros(len(row_ids), np.int64)
+            scored = out[f"{side}_attention_mask"].bool() & (torch.arange(ids.shape[1])[None, :] >= torch.from_numpy(start)[:, None])
+            out[f"{side}_labels"] = torch.where(scored, out[f"{side}_input_ids"], IGNORE)
         return out
 
 

@@ -14,7 +14,7 @@ from ..common import SameVocabObjective, epoch_shape, load_tokenizer
 from ..protocol import Prepared, Rows, Stage, StageMeta, WorkerContext
 from .checks import check_causal_lm, check_lm_models
 from .data import IGNORE, LMCollate, lm_to_ray, load_lm_task
-from .metrics import METRICS, cached_teacher, evaluate_lm, model_inputs, validate
+from .metrics import METRICS, cached_teacher, evaluate_lm, metrics_for, model_inputs, validate
 from .models import CausalLM, build_student, build_teacher, hf_teacher_dir
 
 KIND = "causal_lm"
@@ -31,7 +31,7 @@ class CausalLMTask:
         """The GGUF teacher converted if needed (a cache under lm.cache.dir, not the run), blocks tokenised."""
         teacher_dir = hf_teacher_dir(cfg)
         data = load_lm_task(cfg, load_tokenizer(teacher_dir))
-        return Prepared(data, teacher_dir, False, list(METRICS), f"{data.vocab_size}-token vocabulary", data.notes)
+        return Prepared(data, teacher_dir, False, metrics_for(cfg, METRICS), f"{data.vocab_size}-token vocabulary", data.notes)
 
     def fingerprint(self, cfg: Config) -> dict:
         return {"lm": dataclasses.asdict(cfg.lm)}

@@ -9,13 +9,20 @@ import torch
 import torch.nn.functional as F
 
 from ...config import Config
-from ..common import PAD_ID, actor_resources, to_frame
+from ..common import PAD_ID, actor_resources, load_tokenizer, to_frame
 from ..protocol import WorkerContext
 from ..shipping import fetch, ship
-from .data import IGNORE, LMCollate, LMData
+from .data import IGNORE, PROMPT_FORMATS, LMCollate, LMData, prompt_rows
+from .generation import generate_rouge, prompt_table
 from .models import load_causal_lm
 
 METRICS = ["perplexity", "bits_per_byte", "top1_agreement"]
+PROMPT_METRICS = ["rouge_l"]  # prompt/response data: greedy continuations of the test prompts (generation.py)
+
+
+def metrics_for(cfg: Config, metrics: list[str]) -> list[str]:
+    """The task's metrics, with Rouge-L for prompt/response data."""
+    return list(metrics) + (PROMPT_METRICS if cfg.lm.format in PROMPT_FORMATS else [])
 
 
 def model_inputs(batch: dict, device) -> dict:
@@ -109,5 +116,10 @@ def evaluate_lm(model_dir: str, cfg: Config, data: LMData, teacher_dir: str, spl
     out = out[out["id"] != PAD_ID]
     tokens, nll = max(float(out["tokens"].sum()), 1.0), float(out["nll"].sum())
     text_bytes = data.split_bytes(split, teacher_dir)  # counted on the driver at prepare time
-    return {"perplexity": math.exp(min(nll / tokens, 700.0)), "bits_per_byte": nll / math.log(2) / max(text_bytes, 1),
-            "top1_agreement": float(out["agree"].sum()) / tokens}
+    scores = {"perplexity": math.exp(min(nll / tokens, 700.0)), "bits_per_byte": nll / math.log(2) / max(text_bytes, 1),
+              "top1_agreement": float(out["agree"].sum()) / tokens}
+    if cfg.lm.format in PROMPT_FORMATS:  # the model continues each prompt; stops at the EOS the rows end with
+        eos = load_tokenizer(teacher_dir).eos_token_id
+        scores["rouge_l"] = generate_rouge(model_dir, cfg, prompt_table(*prompt_rows(data.splits[split])), eos, split,
+                                           cpus, actors, gpus)
+    return scores

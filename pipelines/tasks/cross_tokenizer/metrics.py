@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ...config import Config
-from ..causal_lm.data import IGNORE
+from ..causal_lm.data import IGNORE, PROMPT_FORMATS
+from ..causal_lm.generation import generate_rouge, prompt_table
 from ..causal_lm.models import load_causal_lm
 from ..common import PAD_ID, actor_resources, to_frame, tokenizer_identity
 from ..protocol import WorkerContext
@@ -24,10 +25,10 @@ def side_inputs(batch: dict, side: str, device) -> dict:
 
 
 def block_nll(logits: torch.Tensor, batch: dict, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per block: the summed NLL of the side's predicted tokens (B,) and their count (B,)."""
-    ids, mask = batch[f"{side}_input_ids"][:, 1:], batch[f"{side}_attention_mask"][:, 1:].bool()
-    labels = torch.where(mask, ids, IGNORE).to(logits.device)
-    nll = F.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none") * mask.to(logits.device)
+    """Per block: the summed NLL of the side's scored tokens (B,) (a block's, a response's) and their count (B,)."""
+    labels = batch[f"{side}_labels"][:, 1:].to(logits.device)
+    mask = labels != IGNORE
+    nll = F.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none") * mask
     return nll.sum(-1), mask.sum(-1)
 
 
@@ -78,7 +79,8 @@ def model_side(model_dir: str, teacher_dir: str) -> str:
 
 
 def evaluate_pairs(model_dir: str, cfg: Config, data: CrossData, teacher_dir: str, split: str = "test", cpus: float = 1.0, actors: int = 1, gpus: float = 0.0) -> dict:
-    """Bits per byte and perplexity of an exported model (the teacher or a student) on a split."""
+    """Bits per byte and perplexity of an exported model (the teacher or a student) on a split, and
+    for prompt/response data the Rouge-L F of its greedy continuations of the split's prompts."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -90,4 +92,11 @@ def evaluate_pairs(model_dir: str, cfg: Config, data: CrossData, teacher_dir: st
                          compute=ActorPoolStrategy(min_size=1, max_size=actors), **actor_resources(cpus, gpus))
     out = to_frame(out)
     out = out[out["id"] != PAD_ID]
-    return scores(float(out["nll"].sum()), float(out["tokens"].sum()), float(out["bytes"].sum()))
+    result = scores(float(out["nll"].sum()), float(out["tokens"].sum()), float(out["bytes"].sum()))
+    if cfg.lm.format in PROMPT_FORMATS:  # the model continues the prompt as its own side spells it
+        starts = table.column(f"{side}_response_start").to_pylist()
+        prompts = [ids[:n] for ids, n in zip(table.column(f"{side}_input_ids").to_pylist(), starts)]
+        result["rouge_l"] = generate_rouge(model_dir, cfg, prompt_table(table.column("id").to_pylist(), prompts,
+                                                                        table.column("response").to_pylist()),
+                                           data.end_tokens[side], split, cpus, actors, gpus)
+    return result

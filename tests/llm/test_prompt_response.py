@@ -261,3 +261,29 @@ def test_the_shipped_prompt_config_checks(tmp_path):
     root = Path(__file__).parents[2]
     cfg = load_checked_config(root / "pipelines/configs/cross_tokenizer_prompts.yaml", [f"run_dir={tmp_path / 'run'}"])
     assert cfg.task_type == "cross_tokenizer" and cfg.lm.format == "prompt_continuation" and cfg.lm.max_new_tokens == 24
+
+
+def test_the_forward_hands_the_objective_response_masks_of_both_sides(tokenizers, records, tiny_llama):
+    from types import SimpleNamespace
+
+    from pipelines.tasks.causal_lm.models import load_causal_lm
+    from pipelines.tasks.cross_tokenizer import CrossTokenizerTask
+    from pipelines.tasks.cross_tokenizer.data import PairCollate, pad_pairs, prompt_pairs
+    from pipelines.tasks.cross_tokenizer.models import PairLM
+
+    teacher, student = tokenizers
+    _, recs = records
+    table = pad_pairs(prompt_pairs(recs[:3], teacher, student, 40, 36, ["r"] * 3).table, 4)  # + one padding row
+    batch = PairCollate()(table)
+    model = PairLM(load_causal_lm(str(tiny_llama)))  # vocabulary 49,152: holds both tokenizers' ids
+    engine = type("Engine", (), {"module": model, "__call__": lambda self, **kw: model(**kw)})()  # DeepSpeed's call
+    w = SimpleNamespace(engine=engine, teacher=model, device=torch.device("cpu"))
+    rows = CrossTokenizerTask().forward(w, batch)
+    rows_in = table.to_pylist()[:3]
+    for side, key in (("s", "student_mask"), ("t", "teacher_mask")):
+        mask = rows.extra[key]
+        assert mask.shape[0] == 3  # the padding row removed
+        for b, row in enumerate(rows_in):
+            n, start = len(row[f"{side}_input_ids"]), row[f"{side}_response_start"]
+            # Row t predicts token t + 1: rows start - 1 .. n - 2 predict the response and the end token.
+            assert mask[b].tolist() == [False] * (start - 1) + [True] * (n - start) + [False] * (mask.shape[1] - n + 1)

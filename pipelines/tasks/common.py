@@ -137,7 +137,11 @@ class SameVocabObjective:
         self.loss = DistillationObjective(self.config)
 
     def __call__(self, rows):
-        return self.loss(rows.student, rows.teacher, labels=rows.labels)
+        out = self.loss(rows.student, rows.teacher, labels=rows.labels)
+        added = rows.extra.get("added_loss")  # a task's own trained term, e.g. causal_lm's online teacher block
+        if added is not None:
+            out.loss = out.loss + added
+        return out
 
     def describe(self) -> str:
         o, s = self.config, self.config.sinkhorn
@@ -213,6 +217,13 @@ def check_student_keys(cfg: Config, own_tokenizer: bool = False) -> None:
     if s.tokenizer and not own_tokenizer:
         raise ConfigError(f"student.tokenizer: task_type {cfg.task_type} distils into the teacher's tokenizer; "
                           "a student with its own tokenizer needs task_type: cross_tokenizer")
+
+
+def check_no_online_teacher(cfg: Config) -> None:
+    """Tasks whose teacher stays frozen refuse teacher.online (OKD modules are causal_lm's)."""
+    if cfg.teacher.online.kind is not None:
+        raise ConfigError(f"teacher.online: task_type {cfg.task_type} distils from a frozen teacher; "
+                          "online teacher modules need task_type: causal_lm")
 
 
 def frozen_teacher(load, ds_config_zero3: dict | None = None) -> nn.Module:

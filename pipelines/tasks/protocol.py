@@ -92,6 +92,7 @@ class Objective(Protocol):
 class WorkerContext(Protocol):
     """What a task sees of a training worker (pipelines.train.worker.Worker)."""
 
+    cfg: Config
     engine: Any  # the DeepSpeed engine around the student module
     teacher: Any  # the frozen teacher module (or its ZeRO-3 engine), None when fine-tuning or cached
     device: torch.device

@@ -9,7 +9,7 @@ import dataclasses
 
 import torch
 
-from ...config import Config
+from ...config import Config, model_config
 from ..common import SameVocabObjective, epoch_shape, load_tokenizer
 from ..protocol import Prepared, Rows, Stage, StageMeta, WorkerContext
 from .checks import check_causal_lm, check_lm_models
@@ -18,6 +18,18 @@ from .metrics import METRICS, cached_teacher, evaluate_lm, metrics_for, model_in
 from .models import CausalLM, build_student, build_teacher, hf_teacher_dir
 
 KIND = "causal_lm"
+
+
+def online_rows(w: WorkerContext, inputs: dict, logits: torch.Tensor, labels: torch.Tensor, block) -> Rows:
+    """Rows against the teacher adapted by the student's online block, with the block's loss
+    (sinkd.online.module_loss) as the objective's added term: the teacher's weights stay frozen, the
+    student's logits enter it detached."""
+    from sinkd.online import module_loss
+
+    o = w.cfg.teacher.online
+    adapted = w.teacher(**inputs, adapter=block, layer=-1 if o.layer is None else o.layer)[:, :-1].float()
+    added = module_loss(adapted, logits, labels, o.ce_weight, o.student_weight, o.temperature, IGNORE)
+    return Rows(logits, adapted.detach(), labels, extra={"added_loss": added})
 
 
 class CausalLMTask:
@@ -34,7 +46,8 @@ class CausalLMTask:
         return Prepared(data, teacher_dir, False, metrics_for(cfg, METRICS), f"{data.vocab_size}-token vocabulary", data.notes)
 
     def fingerprint(self, cfg: Config) -> dict:
-        return {"lm": dataclasses.asdict(cfg.lm)}
+        online = cfg.teacher.online
+        return {"lm": dataclasses.asdict(cfg.lm), **({"teacher_online": dataclasses.asdict(online)} if online.kind else {})}
 
     def objective(self, values: dict, prefix: str = "objective") -> SameVocabObjective:
         return SameVocabObjective(values, prefix)
@@ -74,8 +87,15 @@ class CausalLMTask:
         return {split: lm_to_ray(prepared.data.splits[split], world) for split in ("train", "validation")}
 
     def build_student(self, cfg: Config, stage: Stage, meta: StageMeta):
+        """The student; with teacher.online, the teacher's OKD block beside it in the module DeepSpeed trains."""
         hf = build_student(cfg, stage.model_path)
-        return hf, CausalLM(hf)
+        o = cfg.teacher.online
+        if o.kind is None or stage.objective is None:
+            return hf, CausalLM(hf)
+        from sinkd.online import ResidualAdapter
+
+        block = ResidualAdapter(model_config(stage.model_path)["hidden_size"], o.rank)
+        return hf, CausalLM(hf, block, o.lr)
 
     def build_teacher(self, cfg: Config, stage: Stage, meta: StageMeta, ds_config_zero3: dict | None):
         if cfg.lm.cache.enabled:  # training reads the teacher's cached top-k
@@ -95,6 +115,9 @@ class CausalLMTask:
         if not bool((labels != IGNORE).any()):
             return Rows(logits, None, labels, empty=True)
         teacher = cached_teacher(batch, w.device)
+        block = getattr(w.engine.module, "online", None)
+        if block is not None:  # OKD: the block trains on the adapted teacher; the student reads it detached
+            return online_rows(w, inputs, logits, labels, block)
         if teacher is None:
             with torch.no_grad():
                 teacher = w.teacher(**inputs)[:, :-1].float()

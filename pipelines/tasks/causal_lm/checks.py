@@ -160,3 +160,27 @@ def check_lm_models(cfg: Config) -> None:
                               "teacher and student must share a tokenizer")
         check_same_tokenizer(directory, student, teacher_gguf=gguf, require_student_tokenizer=True)
     check_student_keys(cfg)
+    check_online_teacher(cfg, teacher_layer_count(directory, gguf))
+
+
+def check_online_teacher(cfg: Config, teacher_layers: int) -> None:
+    """teacher.online (OKD modules): a live teacher, a layer it has, sizes and weights that train."""
+    o = cfg.teacher.online
+    if o.kind is None:
+        if o != type(o)():
+            raise ConfigError("teacher.online: its settings are used only with teacher.online.kind: residual_adapter")
+        return
+    if cfg.lm.cache.enabled:
+        raise ConfigError("teacher.online: the adapted teacher changes every step, so its logits cannot be cached; "
+                          "set lm.cache.enabled: false")
+    if o.layer is not None and not 0 <= o.layer < teacher_layers:
+        raise ConfigError(f"teacher.online.layer: the teacher has {teacher_layers} layers (0-{teacher_layers - 1}), got {o.layer}")
+    if o.rank < 1:
+        raise ConfigError(f"teacher.online.rank: must be >= 1, got {o.rank}")
+    if not o.lr > 0 or not o.temperature > 0:
+        raise ConfigError(f"teacher.online.lr / temperature: must be > 0, got {o.lr} / {o.temperature}")
+    if o.ce_weight < 0 or o.student_weight < 0 or o.ce_weight + o.student_weight == 0:
+        raise ConfigError("teacher.online.ce_weight / student_weight: must be >= 0 and not both 0 (nothing would train the module)")
+    if cfg.train.zero_stage == 3:
+        raise ConfigError("teacher.online: not supported with train.zero_stage 3 yet (the block's gradient runs through "
+                          "the partitioned teacher's layers); use zero_stage 0-2")

@@ -18,14 +18,39 @@ from .checks import teacher_source
 
 
 class CausalLM(nn.Module):
-    """A Hugging Face causal LM returning logits (B, L, V) (the DeepSpeed engine wraps this)."""
+    """A Hugging Face causal LM returning logits (B, L, V) (the DeepSpeed engine wraps this). A
+    student may carry `online`, the teacher's OKD block (sinkd.online.ResidualAdapter): trained in
+    the student's engine at its own learning rate (`lr_overrides`, read by
+    pipelines.train.engine.param_groups), checkpointed with it, exported beside it as online.pt."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, online: nn.Module | None = None, online_lr: float | None = None):
         super().__init__()
         self.model = model
+        self.lr_overrides = {}
+        if online is not None:
+            self.online = online
+            self.lr_overrides = {"online.": online_lr}
 
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    def forward(self, input_ids, attention_mask, adapter: nn.Module | None = None, layer: int = -1):
+        """adapter: applied to the output of decoder layer `layer` for this call only (the teacher
+        adapted by a student's online block; gradients reach the block through the layers above)."""
+        if adapter is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        handle = self.model.get_decoder().layers[layer].register_forward_hook(adapted_output(adapter))
+        try:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        finally:
+            handle.remove()
+
+
+def adapted_output(adapter: nn.Module):
+    """A forward hook that passes a decoder layer's hidden states (a tensor, or a tuple's first item)
+    through `adapter`."""
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (adapter(output[0]), *output[1:])
+        return adapter(output)
+    return hook
 
 
 # ----------------------------------------------------------------------------- teacher and students

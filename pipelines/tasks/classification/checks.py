@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ...config import Config, ConfigError, DataConfig, data_file_paths, model_config, model_dir, resolve_path
-from ..common import check_same_tokenizer, check_student_keys
+from ..common import check_no_online_teacher, check_same_tokenizer, check_student_keys
 from .data import FILE_FORMATS, file_format
 
 
@@ -75,4 +75,5 @@ def check_models(cfg: Config) -> None:
             raise ConfigError(f"student.config.vocab_size: {vocab} differs from the teacher's {t_conf.get('vocab_size')}; "
                               "they must share a tokenizer")
     check_student_keys(cfg)
+    check_no_online_teacher(cfg)
 

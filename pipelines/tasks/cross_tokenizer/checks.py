@@ -9,7 +9,7 @@ from functools import lru_cache
 
 from ...config import Config, ConfigError, model_config, model_dir, resolve_path
 from ..causal_lm.checks import check_causal_lm, check_decoder_teacher, check_teacher_layers, teacher_source
-from ..common import backend_digest, check_student_keys, load_tokenizer
+from ..common import backend_digest, check_no_online_teacher, check_student_keys, load_tokenizer
 
 
 @lru_cache(maxsize=4)
@@ -71,6 +71,7 @@ def check_cross_tokenizer(cfg: Config) -> None:
     teacher_rows = None if gguf else model_config(directory).get("vocab_size")  # a GGUF's vocabulary is its tokenizer's
     s = cfg.student
     check_student_keys(cfg, own_tokenizer=True)
+    check_no_online_teacher(cfg)
     student_rows = None
     if s.init == "pretrained":
         student_rows = model_config(model_dir(s.path, "student.path")).get("vocab_size")

@@ -1,0 +1,66 @@
+"""OKD through Ray Train + DeepSpeed ZeRO-2 on 2 workers: a tiny Llama teacher with an online block,
+a run whose last worker is killed mid-training resumes to the uninterrupted run's losses and block,
+the exported student is a plain causal LM with the block saved beside it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.config import set_key
+from pipelines.tasks import checked_config
+
+pytestmark = pytest.mark.slow
+
+
+def okd_job(tmp_path, teacher, wiki_path, **over) -> dict:
+    raw = {"task_type": "causal_lm", "run_dir": str(tmp_path / "run"), "seed": 0,
+           "data": {"files": {"train": str(wiki_path)}, "max_length": 8, "max_train_examples": 8, "max_eval_examples": 2},
+           "lm": {"max_documents": 4},
+           "teacher": {"path": str(teacher), "online": {"kind": "residual_adapter", "rank": 4, "lr": 1e-2, "layer": 2}},
+           "student": {"init": "teacher_layers", "layers": [0, 3]},
+           "objective": {"alpha": 1.0, "beta": 1.0, "sinkhorn": {"eps": 0.1, "max_iter": 20, "group_size": 16, "topk": 16}},
+           "train": {"epochs": 2, "batch_size": 2, "eval_batch_size": 4, "lr": 1e-3, "zero_stage": 2},
+           "scaling": {"num_workers": 2, "cpus_per_worker": 1}}
+    for key, value in over.items():
+        set_key(raw, key, value)
+    return raw
+
+
+def final_state(raw: dict) -> dict:
+    from pipelines.recipes.export import latest_checkpoint
+    from pipelines.train.files import STATE_FILE
+
+    return json.loads((latest_checkpoint(Path(raw["run_dir"]) / "ray" / "sinkd") / STATE_FILE).read_text())
+
+
+def test_okd_zero2_two_workers_resumes_exactly_after_a_killed_worker(local_ray, tmp_path, tiny_llama, wiki_path):
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.recipes.job import run_job
+    from pipelines.tasks.causal_lm.models import load_causal_lm
+
+    plain = okd_job(tmp_path / "plain", tiny_llama, wiki_path)
+    results = run_job(checked_config(plain), show_progress=False)
+    killed = okd_job(tmp_path / "killed", tiny_llama, wiki_path, **{"debug.fail_at_step": 3})
+    run_job(checked_config(killed), show_progress=False)
+
+    a, b = final_state(plain), final_state(killed)
+    assert b["resumed_from"] == [2] and a["resumed_from"] == []
+    assert [s for s, _ in a["loss_log"]] == [1, 2, 3, 4]
+    assert [x for _, x in b["loss_log"]] == pytest.approx([x for _, x in a["loss_log"]], rel=1e-6)
+
+    out = Path(results["models"]["sinkd"]["path"])
+    block = torch.load(out / "online.pt")
+    assert set(block) == {"norm.weight", "down.weight", "up.weight"} and block["up.weight"].abs().sum() > 0  # it trained
+    resumed = torch.load(Path(killed["run_dir"]) / "models" / "sinkd" / "online.pt")
+    assert all(torch.allclose(block[k], resumed[k], rtol=1e-5, atol=1e-7) for k in block)
+    student = AutoModelForCausalLM.from_pretrained(out)  # a plain causal LM: no block inside
+    assert not any("online" in k for k in student.state_dict())
+    assert student.config.num_hidden_layers == 2
+    teacher = load_causal_lm(str(tiny_llama))  # the teacher on disk is untouched, and scored as it was
+    assert results["models"]["teacher"]["test"]["top1_agreement"] == 1.0
+    assert sum(p.numel() for p in teacher.parameters()) == results["models"]["sinkd"]["teacher_params"]

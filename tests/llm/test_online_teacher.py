@@ -206,3 +206,19 @@ def test_the_module_loss_equals_the_formula_on_the_real_forward(tiny_llama):
     kl = F.kl_div(torch.log_softmax(t / 2, -1), torch.log_softmax(s / 2, -1), log_target=True, reduction="batchmean")
     expected = 0.5 * F.cross_entropy(t, y) + 2.0 * 4 * kl
     assert rows.extra["added_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_shipped_okd_config_and_tune_space_check_and_toggle_to_the_frozen_teacher():
+    from pathlib import Path
+
+    from pipelines.recipes.tune import check_space_against_config
+    from pipelines.recipes.tune_space import load_space
+    from pipelines.tasks import load_checked_config
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_checked_config(root / "pipelines" / "configs" / "smollm2_okd.yaml")
+    assert cfg.teacher.online.kind == "residual_adapter" and not cfg.lm.cache.enabled
+    check_space_against_config(cfg, load_space(root / "tune_spaces" / "okd_causal_lm.yaml"))  # every choice is valid
+    frozen = load_checked_config(root / "pipelines" / "configs" / "smollm2_okd.yaml", ["teacher.online={}"])
+    assert frozen.teacher.online.kind is None
+    assert get_task("causal_lm").fingerprint(frozen) != get_task("causal_lm").fingerprint(cfg)

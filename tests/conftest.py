@@ -9,6 +9,14 @@ settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# Ray Train's controller polls its workers every 2 s, and a worker's ray.train.report blocks while the
+# previous report is still unpolled (a queue of one): a tiny test job that checkpoints every step or two
+# and ends in seconds spends most of its stage waiting for polls. Polling every 0.2 s changes when
+# results are collected, not what they are (a slow poll is tolerated for the 10-min health timeout).
+# Set before any Ray starts, so the in-process Ray, the `sinkd` subprocesses and the test cluster's
+# nodes inherit it (Ray Train also propagates it to its controller).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
 
 RAY_FIXTURES = {"ray_session", "local_ray", "zero2", "live_zero2"}  # fixtures that start (or need) a Ray instance
 

@@ -170,16 +170,19 @@ def _loss_log(run_dir, stage: str) -> list[float]:
     return [loss for _, loss in _state(run_dir, stage)["loss_log"]]
 
 
-def test_cached_teacher_logits_give_the_losses_of_the_teacher_in_the_workers(ray_session, tmp_path, tiny_bert,
-                                                                               sst2_small):
+def test_cached_teacher_logits_give_the_losses_of_the_teacher_in_the_workers(zero2, tmp_path):
     """teacher.cache_logits (auto: on for a CPU job below ZeRO-3): one teacher pass before the students,
-    whose step losses are those of the same run with the teacher in every worker; no worker holds it."""
-    common = {"train.epochs": 1, "train.checkpoint_every_steps": None}
-    raws = {mode: tiny_job(tmp_path / str(mode), tiny_bert, sst2_small, **common, **{"teacher.cache_logits": mode})
-            for mode in ("auto", False)}
-    runs = {mode: _run(raw) for mode, raw in raws.items()}
-    cached, live = (_loss_log(raws[mode]["run_dir"], "sinkd") for mode in ("auto", False))
-    assert len(cached) == len(live) > 0 and cached == pytest.approx(live, rel=1e-5)
+    whose step losses are those of the same run with the teacher in every worker; no worker holds it.
+    The cached side is the module's shared ZeRO-2 run (auto); only the live side runs here."""
+    raw, cached_run = zero2
+    assert "cache_logits" not in raw["teacher"] and checked_config(copy.deepcopy(raw)).teacher.cache_logits == "auto"
+    live = copy.deepcopy(raw)
+    live["run_dir"] = str(tmp_path / "live")
+    live["teacher"]["cache_logits"] = False
+    live["train"]["checkpoint_every_steps"] = None  # only the final checkpoint: its loss log holds every step
+    raws, runs = {"auto": raw, False: live}, {"auto": cached_run, False: _run(live)}
+    cached, live_losses = (_loss_log(raws[mode]["run_dir"], "sinkd") for mode in ("auto", False))
+    assert len(cached) == len(live_losses) > 0 and cached == pytest.approx(live_losses, rel=1e-5)
     assert "teacher_params" not in runs["auto"]["models"]["sinkd"] and runs[False]["models"]["sinkd"]["teacher_params"] > 0
     scores = [run["models"]["sinkd"]["test"]["accuracy"] for run in runs.values()]
     assert scores[0] == pytest.approx(scores[1], abs=1.5 / runs["auto"]["data"]["test"])  # one row of slack for a near-tie

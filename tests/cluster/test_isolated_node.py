@@ -76,9 +76,7 @@ def test_a_job_runs_with_a_node_that_sees_no_driver_file_and_resumes_when_it_is_
     """Teacher fine-tuning and a SinKD stage, one worker per node, checkpoints in the bucket; the
     isolated node is killed after the student's first checkpoint and restarted with empty folders
     (it fetches everything again); every step runs once; export and test scores as on one machine."""
-    # The fine-tuning stage checkpoints at its epoch's end only: the node is lost in the student's stage.
-    job, raw = _job(cluster, s3, tiny_bert, sst2_small, tmp_path / "iso_job", **{
-        "teacher.finetune": "always", "teacher.train": {"checkpoint_every_steps": None}})
+    job, raw = _job(cluster, s3, tiny_bert, sst2_small, tmp_path / "iso_job", **{"teacher.finetune": "always"})
     run_dir, prefix = Path(raw["run_dir"]), "iso_job/sinkd/"
     first = _isolated_node(cluster)
     out, err = tmp_path / "train.out", tmp_path / "train.err"

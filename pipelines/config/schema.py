@@ -133,6 +133,22 @@ class LogitCacheConfig:
 
 
 @dataclass
+class SGOConfig:
+    """causal_lm on prompt data: student-generated outputs (GKD-style mixing). With probability
+    `fraction` a micro-batch's responses are replaced by the student's own continuations of its
+    prompts (sampled under the micro-batch's seed), which the live teacher then scores; mode None:
+    the data's responses only."""
+
+    mode: Optional[Literal["mixed"]] = None
+    fraction: float = 0.5  # P(a micro-batch is student-generated); one draw per (seed, epoch, micro-batch), shared by the ranks
+    max_new_tokens: int = 16  # tokens sampled per prompt (exactly: the end token is suppressed, so shapes match across ranks)
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    ce_on_generated: bool = False  # CE on the student's own tokens is self-training: off, as in GKD and DistiLLM
+
+
+@dataclass
 class LMConfig:
     format: Literal["packed", "prompt_response", "prompt_continuation"] = "packed"
     file_format: Optional[Literal["txt", "jsonl", "wiki_xml"]] = None  # default: from the suffix
@@ -146,6 +162,7 @@ class LMConfig:
     min_document_chars: int = 1  # shorter documents (e.g. wiki redirects after markup removal) are skipped
     student_max_length: Optional[int] = None  # cross_tokenizer: student tokens kept per block (default 2 x data.max_length)
     cache: LogitCacheConfig = field(default_factory=LogitCacheConfig)
+    sgo: SGOConfig = field(default_factory=SGOConfig)  # causal_lm: student-generated batches
 
 
 @dataclass

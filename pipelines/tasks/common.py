@@ -137,7 +137,7 @@ class SameVocabObjective:
         self.loss = DistillationObjective(self.config)
 
     def __call__(self, rows):
-        out = self.loss(rows.student, rows.teacher, labels=rows.labels)
+        out = self.loss(rows.student, rows.teacher, labels=rows.labels, mask=rows.extra.get("mask"))  # mask: rows without CE
         added = rows.extra.get("added_loss")  # a task's own trained term, e.g. causal_lm's online teacher block
         if added is not None:
             out.loss = out.loss + added

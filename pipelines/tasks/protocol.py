@@ -99,6 +99,7 @@ class WorkerContext(Protocol):
     meta: StageMeta
     stage: Stage
     world: int
+    position: tuple  # (epoch, micro-batch) being trained, for draws that must match across ranks and resumes
 
     def all_sum(self, values) -> list[float]: ...  # a list, or a tensor on the rank's device
 

@@ -61,6 +61,7 @@ class Worker:
     engine: Any  # DeepSpeed engine around the task's student module
     teacher: Any = None  # the task's teacher module (or its ZeRO-3 engine); None when fine-tuning or cached
     objective: Any = None  # the task's Objective on its Rows; None when fine-tuning (plain CE)
+    position: tuple = (0, 0)  # (epoch, micro-batch) being trained: a task's per-batch draws (causal_lm's SGO coin)
 
     def all_sum(self, values) -> list[float]:
         """Sum over ranks of a list (or a tensor on this rank's device): one host sync. The tensor goes
@@ -297,6 +298,7 @@ def train_epoch(w: Worker, shard, epoch: int, state: State, progress, startup: S
             continue
         torch.manual_seed(hash((w.cfg.seed, epoch, micro, w.rank)) % (1 << 31))  # dropout, reproducible on resume
         size = window_size(micro, t, meta)
+        w.position = (epoch, micro)
         loss, micro_terms = step_loss(w, batch)
         w.engine.backward(loss / size, scale_wrt_gas=False)
         terms.add(micro_terms, size)

@@ -1,6 +1,8 @@
-"""OKD through Ray Train + DeepSpeed ZeRO-2 on 2 workers: a tiny Llama teacher with an online block,
-a run whose last worker is killed mid-training resumes to the uninterrupted run's losses and block,
-the exported student is a plain causal LM with the block saved beside it."""
+"""OKD and SGO through Ray Train + DeepSpeed ZeRO-2 on 2 workers: a tiny Llama teacher with an online
+block, on prompt/continuation records of which most micro-batches are the student's own samples
+(lm.sgo mixed); a run whose last worker is killed mid-training resumes to the uninterrupted run's
+losses and block (sampling included), the exported student is a plain causal LM with the block
+saved beside it."""
 
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ pytestmark = pytest.mark.slow
 
 def okd_job(tmp_path, teacher, wiki_path, **over) -> dict:
     raw = {"task_type": "causal_lm", "run_dir": str(tmp_path / "run"), "seed": 0,
-           "data": {"files": {"train": str(wiki_path)}, "max_length": 8, "max_train_examples": 8, "max_eval_examples": 2},
-           "lm": {"max_documents": 4},
+           "data": {"files": {"train": str(wiki_path)}, "max_length": 24, "max_train_examples": 8, "max_eval_examples": 2},
+           "lm": {"max_documents": 4, "format": "prompt_continuation", "prompt_words": 4, "response_words": 3,
+                  "max_new_tokens": 4, "sgo": {"mode": "mixed", "fraction": 0.87, "max_new_tokens": 3, "temperature": 1.0}},
            "teacher": {"path": str(teacher), "online": {"kind": "residual_adapter", "rank": 4, "lr": 1e-2, "layer": 2}},
            "student": {"init": "teacher_layers", "layers": [0, 3]},
            "objective": {"alpha": 1.0, "beta": 1.0, "sinkhorn": {"eps": 0.1, "max_iter": 20, "group_size": 16, "topk": 16}},
@@ -37,11 +40,15 @@ def final_state(raw: dict) -> dict:
     return json.loads((latest_checkpoint(Path(raw["run_dir"]) / "ray" / "sinkd") / STATE_FILE).read_text())
 
 
-def test_okd_zero2_two_workers_resumes_exactly_after_a_killed_worker(local_ray, tmp_path, tiny_llama, wiki_path):
+def test_okd_and_sgo_zero2_two_workers_resume_exactly_after_a_killed_worker(local_ray, tmp_path, tiny_llama, wiki_path):
     from transformers import AutoModelForCausalLM
 
     from pipelines.recipes.job import run_job
     from pipelines.tasks.causal_lm.models import load_causal_lm
+    from pipelines.tasks.causal_lm.sgo import student_generates
+
+    coins = [student_generates(0, 0.87, epoch, micro) for epoch in range(2) for micro in range(2)]
+    assert coins == [True, True, False, True]  # both kinds of batch, and a sampled one after the resume at step 2
 
     plain = okd_job(tmp_path / "plain", tiny_llama, wiki_path)
     results = run_job(checked_config(plain), show_progress=False)

@@ -16,6 +16,7 @@ from .checks import check_causal_lm, check_lm_models
 from .data import IGNORE, LMCollate, lm_to_ray, load_lm_task
 from .metrics import METRICS, cached_teacher, evaluate_lm, metrics_for, model_inputs, validate
 from .models import CausalLM, build_student, build_teacher, hf_teacher_dir
+from .sgo import generated_batch, student_generates
 
 KIND = "causal_lm"
 
@@ -30,6 +31,26 @@ def online_rows(w: WorkerContext, inputs: dict, logits: torch.Tensor, labels: to
     adapted = w.teacher(**inputs, adapter=block, layer=-1 if o.layer is None else o.layer)[:, :-1].float()
     added = module_loss(adapted, logits, labels, o.ce_weight, o.student_weight, o.temperature, IGNORE)
     return Rows(logits, adapted.detach(), labels, extra={"added_loss": added})
+
+
+def live_teacher_rows(w: WorkerContext, inputs: dict, logits: torch.Tensor, labels: torch.Tensor) -> Rows:
+    """Rows against the live teacher, or against the teacher adapted by the OKD block."""
+    block = getattr(w.engine.module, "online", None)
+    if block is not None:  # OKD: the block trains on the adapted teacher; the student reads it detached
+        return online_rows(w, inputs, logits, labels, block)
+    with torch.no_grad():
+        teacher = w.teacher(**inputs)[:, :-1].float()
+    return Rows(logits, teacher, labels)
+
+
+def self_generated_rows(w: WorkerContext, inputs: dict, logits: torch.Tensor, labels: torch.Tensor) -> Rows:
+    """Rows of a student-generated batch: the teacher's (or adapted teacher's) rows on the sampled
+    tokens, with the labels hidden from the objective's CE (its `mask` keeps the KD and Sinkhorn
+    rows); the OKD block's own loss still reads the labels."""
+    rows = live_teacher_rows(w, inputs, logits, labels)
+    rows.extra["mask"] = labels != IGNORE
+    rows.labels = torch.full_like(labels, IGNORE)
+    return rows
 
 
 class CausalLMTask:
@@ -109,19 +130,22 @@ class CausalLMTask:
         return LMCollate(meta.pad_token_id)
 
     def forward(self, w: WorkerContext, batch: dict) -> Rows:
+        sgo = w.cfg.lm.sgo
+        generated = sgo.mode is not None and w.stage.objective is not None and \
+            student_generates(w.cfg.seed, sgo.fraction, *w.position)
+        if generated:  # GKD mixing: the student's own continuations of the prompts, scored by the live teacher
+            batch = generated_batch(w.engine.module.model, batch, w.meta.pad_token_id, sgo)
         inputs = model_inputs(batch, w.device)
         labels = batch["labels"][:, 1:].to(w.device)
         logits = w.engine(**inputs)[:, :-1].float()
         if not bool((labels != IGNORE).any()):
             return Rows(logits, None, labels, empty=True)
+        if generated and not sgo.ce_on_generated:  # KD and Sinkhorn on the sampled tokens, no CE on them
+            return self_generated_rows(w, inputs, logits, labels)
         teacher = cached_teacher(batch, w.device)
-        block = getattr(w.engine.module, "online", None)
-        if block is not None:  # OKD: the block trains on the adapted teacher; the student reads it detached
-            return online_rows(w, inputs, logits, labels, block)
-        if teacher is None:
-            with torch.no_grad():
-                teacher = w.teacher(**inputs)[:, :-1].float()
-        return Rows(logits, teacher, labels)
+        if teacher is not None:
+            return Rows(logits, teacher, labels)
+        return live_teacher_rows(w, inputs, logits, labels)
 
     def validate(self, w: WorkerContext, shard) -> dict:
         return validate(w, shard)

@@ -92,20 +92,21 @@ def teacher_source(cfg: Config) -> tuple[Path, str | None]:
     return path, None
 
 
-def _gguf_header(path: Path) -> tuple[int, int]:
-    """(decoder layers, vocabulary size) from GGUF metadata; read once per file version (Tune
+def _gguf_header(path: Path) -> tuple[int, int, int]:
+    """(decoder layers, vocabulary size, context length) from GGUF metadata; read once per file version (Tune
     validates the config once per sampled value)."""
     stat = path.stat()
     return _gguf_header_cached(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 @lru_cache(maxsize=8)
-def _gguf_header_cached(path: str, size: int, mtime: int) -> tuple[int, int]:
+def _gguf_header_cached(path: str, size: int, mtime: int) -> tuple[int, int, int]:
     from gguf import GGUFReader
 
     fields = GGUFReader(path).fields  # memory-mapped; no weights dequantised
     arch = bytes(fields["general.architecture"].parts[-1]).decode()
-    return int(fields[f"{arch}.block_count"].parts[-1][0]), len(fields["tokenizer.ggml.tokens"].data)
+    return (int(fields[f"{arch}.block_count"].parts[-1][0]), len(fields["tokenizer.ggml.tokens"].data),
+            int(fields[f"{arch}.context_length"].parts[-1][0]))
 
 
 def teacher_layer_count(directory: Path, gguf: str | None) -> int:
@@ -114,6 +115,10 @@ def teacher_layer_count(directory: Path, gguf: str | None) -> int:
 
 def teacher_vocab_size(directory: Path, gguf: str | None) -> int:
     return _gguf_header(directory / gguf)[1] if gguf else _config_int(directory, "vocab_size")
+
+
+def teacher_context_length(directory: Path, gguf: str | None) -> int:
+    return _gguf_header(directory / gguf)[2] if gguf else _config_int(directory, "max_position_embeddings")
 
 
 def _config_int(directory: Path, key: str) -> int:
@@ -161,6 +166,15 @@ def check_lm_models(cfg: Config) -> None:
         check_same_tokenizer(directory, student, teacher_gguf=gguf, require_student_tokenizer=True)
     check_student_keys(cfg)
     check_online_teacher(cfg, teacher_layer_count(directory, gguf))
+    check_sgo(cfg, model_context(cfg, directory, gguf) if cfg.lm.sgo.mode else 0)
+
+
+def model_context(cfg: Config, directory: Path, gguf: str | None) -> int:
+    """Positions both models hold: the smaller of the teacher's and (if it says) the student's."""
+    s = cfg.student
+    student = model_config(model_dir(s.path, "student.path")).get("max_position_embeddings") \
+        if s.init == "pretrained" else s.config.get("max_position_embeddings")
+    return min(c for c in (teacher_context_length(directory, gguf), student) if isinstance(c, int))
 
 
 def check_online_teacher(cfg: Config, teacher_layers: int) -> None:
@@ -184,3 +198,30 @@ def check_online_teacher(cfg: Config, teacher_layers: int) -> None:
     if cfg.train.zero_stage == 3:
         raise ConfigError("teacher.online: not supported with train.zero_stage 3 yet (the block's gradient runs through "
                           "the partitioned teacher's layers); use zero_stage 0-2")
+
+
+def check_sgo(cfg: Config, context: int) -> None:
+    """lm.sgo (student-generated batches): prompts to continue, a live teacher to score them, a
+    fraction, sampling settings and a length the models can hold."""
+    g = cfg.lm.sgo
+    if g.mode is None:
+        if g != type(g)():
+            raise ConfigError("lm.sgo: its settings are used only with lm.sgo.mode: mixed")
+        return
+    if cfg.lm.format not in ("prompt_response", "prompt_continuation"):
+        raise ConfigError("lm.sgo.mode: the student continues prompts; use lm.format prompt_continuation or prompt_response")
+    if cfg.lm.cache.enabled:
+        raise ConfigError("lm.sgo.mode: student-generated batches are scored by a live teacher; set lm.cache.enabled: false")
+    if not 0 <= g.fraction <= 1:
+        raise ConfigError(f"lm.sgo.fraction: must be in [0, 1], got {g.fraction}")
+    if g.max_new_tokens < 1:
+        raise ConfigError(f"lm.sgo.max_new_tokens: must be > 0, got {g.max_new_tokens}")
+    if cfg.data.max_length + g.max_new_tokens > context:
+        raise ConfigError(f"lm.sgo.max_new_tokens: prompts of up to data.max_length={cfg.data.max_length} tokens + "
+                          f"{g.max_new_tokens} new tokens exceed the model context of {context} tokens")
+    if g.temperature < 0 or not 0 < g.top_p <= 1 or g.top_k < 0:
+        raise ConfigError(f"lm.sgo.temperature / top_p / top_k: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; "
+                          f"got {g.temperature} / {g.top_p} / {g.top_k}")
+    if cfg.train.zero_stage == 3:
+        raise ConfigError("lm.sgo.mode: not supported with train.zero_stage 3 yet (generation would need the ranks' "
+                          "gathered parameters, untested); use zero_stage 0-2")

@@ -72,6 +72,9 @@ def check_cross_tokenizer(cfg: Config) -> None:
     s = cfg.student
     check_student_keys(cfg, own_tokenizer=True)
     check_no_online_teacher(cfg)
+    if cfg.lm.sgo.mode is not None:
+        raise ConfigError("lm.sgo.mode: student-generated batches are causal_lm's (teacher and student share a tokenizer); "
+                          "task_type cross_tokenizer trains on the data's responses")
     student_rows = None
     if s.init == "pretrained":
         student_rows = model_config(model_dir(s.path, "student.path")).get("vocab_size")

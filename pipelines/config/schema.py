@@ -134,13 +134,15 @@ class LogitCacheConfig:
 
 @dataclass
 class SGOConfig:
-    """causal_lm on prompt data: student-generated outputs (GKD-style mixing). With probability
-    `fraction` a micro-batch's responses are replaced by the student's own continuations of its
-    prompts (sampled under the micro-batch's seed), which the live teacher then scores; mode None:
-    the data's responses only."""
+    """causal_lm on prompt data: student-generated outputs. mixed (GKD): with probability `fraction`
+    a micro-batch's responses are replaced by the student's own continuations of its prompts
+    (sampled under the micro-batch's seed), which the live teacher then scores; replay (DistiLLM):
+    the same share of student data, fresh early and from a buffer of earlier samples later; mode
+    None: the data's responses only."""
 
-    mode: Optional[Literal["mixed"]] = None
+    mode: Optional[Literal["mixed", "replay"]] = None  # replay: DistiLLM's buffer of earlier samples (sgo.py)
     fraction: float = 0.5  # P(a micro-batch is student-generated); one draw per (seed, epoch, micro-batch), shared by the ranks
+    replay_capacity: int = 256  # replay: rows of student samples each rank keeps (FIFO, saved in checkpoints)
     max_new_tokens: int = 16  # tokens sampled per prompt (exactly: the end token is suppressed, so shapes match across ranks)
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0

@@ -100,6 +100,8 @@ class WorkerContext(Protocol):
     stage: Stage
     world: int
     position: tuple  # (epoch, micro-batch) being trained, for draws that must match across ranks and resumes
+    rank: int
+    task_state: dict  # what a task keeps across steps on this rank (JSON-able); saved in each checkpoint
 
     def all_sum(self, values) -> list[float]: ...  # a list, or a tensor on the rank's device
 

@@ -30,7 +30,7 @@ from ..tasks.common import PAD_ID, TASK_FILE, epoch_batches, load_tokenizer
 from ..tasks.protocol import Stage, StageMeta, Task
 from ..tasks.shipping import fetch
 from .engine import deepspeed_config, place_teacher, student_engine
-from .files import DS_TAG, META_DIR, STATE_FILE
+from .files import DS_TAG, META_DIR, STATE_FILE, TASK_STATE_FILE
 
 TERMS = ("loss", "ce", "kd", "sinkhorn")  # logged per optimizer step, averaged over ranks
 
@@ -62,6 +62,7 @@ class Worker:
     teacher: Any = None  # the task's teacher module (or its ZeRO-3 engine); None when fine-tuning or cached
     objective: Any = None  # the task's Objective on its Rows; None when fine-tuning (plain CE)
     position: tuple = (0, 0)  # (epoch, micro-batch) being trained: a task's per-batch draws (causal_lm's SGO coin)
+    task_state: dict = field(default_factory=dict)  # the task's per-rank state (JSON-able), saved with each checkpoint
 
     def all_sum(self, values) -> list[float]:
         """Sum over ranks of a list (or a tensor on this rank's device): one host sync. The tensor goes
@@ -181,6 +182,9 @@ def resume(w: Worker) -> State:
     with checkpoint.as_directory() as ckpt_dir:
         w.engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
         state = State(**json.loads((Path(ckpt_dir) / STATE_FILE).read_text()))
+        task_state = Path(ckpt_dir) / TASK_STATE_FILE.format(rank=w.rank)
+        if task_state.exists():
+            w.task_state = json.loads(task_state.read_text())
     if w.engine.global_steps != state.global_step:
         raise RuntimeError(f"checkpoint mismatch: DeepSpeed at step {w.engine.global_steps}, sinkd at {state.global_step}")
     state.resumed_from.append(state.global_step)
@@ -337,6 +341,8 @@ def save_and_report(w: Worker, state: State, metrics: dict) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         w.engine.save_checkpoint(tmp, tag=DS_TAG)
+        if w.task_state:  # every rank its own (e.g. causal_lm's replay buffer)
+            (Path(tmp) / TASK_STATE_FILE.format(rank=w.rank)).write_text(json.dumps(w.task_state))
         if w.rank == 0:
             (Path(tmp) / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state)))
             write_meta(Path(tmp) / META_DIR, w)

@@ -1,8 +1,8 @@
 """OKD and SGO through Ray Train + DeepSpeed ZeRO-2 on 2 workers: a tiny Llama teacher with an online
-block, on prompt/continuation records of which most micro-batches are the student's own samples
-(lm.sgo mixed); a run whose last worker is killed mid-training resumes to the uninterrupted run's
-losses and block (sampling included), the exported student is a plain causal LM with the block
-saved beside it."""
+block, on prompt/continuation records whose micro-batches are the student's own samples (lm.sgo
+replay: fresh in the first epoch, from each rank's buffer in the second); a run whose last worker is
+killed mid-training resumes to the uninterrupted run's losses and block (the buffers restored from
+the checkpoint), the exported student is a plain causal LM with the block saved beside it."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def okd_job(tmp_path, teacher, wiki_path, **over) -> dict:
     raw = {"task_type": "causal_lm", "run_dir": str(tmp_path / "run"), "seed": 0,
            "data": {"files": {"train": str(wiki_path)}, "max_length": 24, "max_train_examples": 8, "max_eval_examples": 2},
            "lm": {"max_documents": 4, "format": "prompt_continuation", "prompt_words": 4, "response_words": 3,
-                  "max_new_tokens": 4, "sgo": {"mode": "mixed", "fraction": 0.87, "max_new_tokens": 3, "temperature": 1.0}},
+                  "max_new_tokens": 4, "sgo": {"mode": "replay", "fraction": 0.95, "max_new_tokens": 3, "temperature": 1.0}},
            "teacher": {"path": str(teacher), "online": {"kind": "residual_adapter", "rank": 4, "lr": 1e-2, "layer": 2}},
            "student": {"init": "teacher_layers", "layers": [0, 3]},
            "objective": {"alpha": 1.0, "beta": 1.0, "sinkhorn": {"eps": 0.1, "max_iter": 20, "group_size": 16, "topk": 16}},
@@ -43,12 +43,15 @@ def final_state(raw: dict) -> dict:
 def test_okd_and_sgo_zero2_two_workers_resume_exactly_after_a_killed_worker(local_ray, tmp_path, tiny_llama, wiki_path):
     from transformers import AutoModelForCausalLM
 
+    from pipelines.recipes.export import latest_checkpoint
     from pipelines.recipes.job import run_job
     from pipelines.tasks.causal_lm.models import load_causal_lm
-    from pipelines.tasks.causal_lm.sgo import student_generates
+    from pipelines.tasks.causal_lm.sgo import batch_source
+    from pipelines.train.files import TASK_STATE_FILE
 
-    coins = [student_generates(0, 0.87, epoch, micro) for epoch in range(2) for micro in range(2)]
-    assert coins == [True, True, False, True]  # both kinds of batch, and a sampled one after the resume at step 2
+    sgo = checked_config(okd_job(tmp_path, tiny_llama, wiki_path)).lm.sgo
+    draws = [batch_source(sgo, 0, epoch, micro, (2 * epoch + micro) / 4) for epoch in range(2) for micro in range(2)]
+    assert draws == ["fresh", "fresh", "replay", "replay"]  # the resumed epoch trains on the restored buffers only
 
     plain = okd_job(tmp_path / "plain", tiny_llama, wiki_path)
     results = run_job(checked_config(plain), show_progress=False)
@@ -56,6 +59,9 @@ def test_okd_and_sgo_zero2_two_workers_resume_exactly_after_a_killed_worker(loca
     run_job(checked_config(killed), show_progress=False)
 
     a, b = final_state(plain), final_state(killed)
+    ckpt = latest_checkpoint(Path(killed["run_dir"]) / "ray" / "sinkd")
+    buffers = [json.loads((ckpt / TASK_STATE_FILE.format(rank=r)).read_text())["sgo_buffer"] for r in range(2)]
+    assert [len(x) for x in buffers] == [4, 4] and buffers[0] != buffers[1]  # each rank's 2 x 2 sampled rows
     assert b["resumed_from"] == [2] and a["resumed_from"] == []
     assert [s for s, _ in a["loss_log"]] == [1, 2, 3, 4]
     assert [x for _, x in b["loss_log"]] == pytest.approx([x for _, x in a["loss_log"]], rel=1e-6)

@@ -1,11 +1,12 @@
-"""Student-generated outputs (lm.sgo, GKD mixing) without Ray: the coin, batched sampling against
-one prompt at a time, the rebuilt batch, the task's rows on a generated batch (teacher scored on the
-samples, no CE on them), and the config's one-line errors."""
+"""Student-generated outputs (lm.sgo: GKD mixing, DistiLLM replay) without Ray: the draws, batched
+sampling against one prompt at a time, the rebuilt batch, the replay buffer, the task's rows on a
+generated batch (teacher scored on the samples, no CE on them), and the config's one-line errors."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +14,8 @@ from pipelines.config import Config, ConfigError, set_key
 from pipelines.tasks import checked_config, get_task
 from pipelines.tasks.causal_lm.data import IGNORE
 from pipelines.tasks.causal_lm.models import CausalLM, load_causal_lm
-from pipelines.tasks.causal_lm.sgo import generated_batch, prompt_lengths, sample_continuations, student_generates
+from pipelines.tasks.causal_lm.sgo import (BUFFER, FRESH, REPLAY, batch_source, generated_batch, prompt_lengths,
+                                           push_rows, replayed_batch, sample_continuations, student_generates)
 from pipelines.tasks.common import student_from_teacher_layers
 
 
@@ -111,8 +113,8 @@ def worker(tiny_llama, student, **sgo_over):
                             "sgo": {"mode": "mixed", "fraction": 1.0, "max_new_tokens": 3, "temperature": 0.0, **sgo_over}}})
     teacher = CausalLM(load_causal_lm(str(tiny_llama)).eval())
     return SimpleNamespace(cfg=cfg, teacher=teacher, device=torch.device("cpu"), engine=EngineLike(CausalLM(student)),
-                           stage=SimpleNamespace(objective={"alpha": 1.0}), meta=SimpleNamespace(pad_token_id=2),
-                           position=(0, 0))
+                           stage=SimpleNamespace(objective={"alpha": 1.0}, train=SimpleNamespace(epochs=1)),
+                           meta=SimpleNamespace(pad_token_id=2, batches_per_epoch=100), position=(0, 0), rank=0, task_state={})
 
 
 def test_a_generated_batch_is_scored_by_the_teacher_on_the_samples_without_ce(tiny_llama, student):
@@ -175,8 +177,9 @@ def test_a_sound_sgo_job_checks(tiny_llama, wiki_path):
     ({"lm.sgo.top_p": 0.0}, r"^lm\.sgo\.temperature / top_p / top_k: need"),
     ({"lm.sgo.temperature": -1.0}, r"^lm\.sgo\.temperature / top_p / top_k: need"),
     ({"train.zero_stage": 3}, r"^lm\.sgo\.mode: not supported with train\.zero_stage 3"),
-    ({"lm.sgo.mode": None, "lm.sgo.fraction": 0.2}, r"^lm\.sgo: its settings are used only with lm\.sgo\.mode: mixed$"),
-    ({"lm.sgo.mode": "replay"}, r"lm\.sgo\.mode"),
+    ({"lm.sgo.mode": None, "lm.sgo.fraction": 0.2}, r"^lm\.sgo: its settings are used only with lm\.sgo\.mode: mixed or replay$"),
+    ({"lm.sgo.mode": "on_policy"}, r"lm\.sgo\.mode"),
+    ({"lm.sgo.mode": "replay", "lm.sgo.replay_capacity": 0}, r"^lm\.sgo\.replay_capacity: must be > 0, got 0$"),
 ])
 def test_bad_sgo_settings_fail_up_front_with_one_line(tiny_llama, wiki_path, over, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -208,3 +211,50 @@ def test_shipped_sgo_config_and_tune_space_check_and_toggle_to_the_comparisons()
     assert kd.lm.sgo.mode is None and okd_sinkd.teacher.online.kind == "residual_adapter"
     fingerprints = {str(get_task("causal_lm").fingerprint(c)) for c in (cfg, kd, okd_sinkd)}
     assert len(fingerprints) == 3  # a run directory trained one way refuses to resume another
+
+
+def test_replay_draws_fresh_samples_early_and_buffer_rows_late_at_the_asked_rates():
+    g = SimpleNamespace(mode="replay", fraction=0.8)
+    for progress, fresh, replay in ((0.0, 0.8, 0.0), (0.5, 0.4, 0.4), (0.9, 0.08, 0.72)):
+        draws = [batch_source(g, 0, 0, m, progress) for m in range(3000)]
+        assert abs(draws.count(FRESH) / 3000 - fresh) < 0.03 and abs(draws.count(REPLAY) / 3000 - replay) < 0.03
+    mixed = SimpleNamespace(mode="mixed", fraction=0.8)
+    assert [batch_source(mixed, 0, 0, m, 0.9) == FRESH for m in range(50)] == [student_generates(0, 0.8, 0, m) for m in range(50)]
+
+
+def test_the_buffer_keeps_labelled_rows_without_padding_first_in_first_out():
+    b = prompt_batch()
+    buffer = []
+    push_rows(buffer, b, capacity=3)
+    assert buffer == [[[5, 17, 300, 41, 60, 61, 2], [IGNORE] * 4 + [60, 61, 2]], [[9, 8, 70, 2], [IGNORE] * 2 + [70, 2]]]
+    push_rows(buffer, b, capacity=3)
+    assert len(buffer) == 3 and buffer[0][0] == [9, 8, 70, 2]  # the oldest row left
+
+    out = replayed_batch(buffer, b, 2, np.random.default_rng(0))
+    rows = [[out["input_ids"][i, :int(out["attention_mask"][i].sum())].tolist(),
+             out["labels"][i, :int(out["attention_mask"][i].sum())].tolist()] for i in range(2)]
+    assert all(r in buffer for r in rows) and rows[0] != rows[1]  # two distinct buffer rows
+    assert torch.equal(out["input_ids"][2], b["input_ids"][2]) and (out["labels"][2] == IGNORE).all()
+    assert torch.equal(out["ids"], b["ids"])
+
+
+def test_replay_fills_the_buffer_when_it_samples_then_trains_on_it_and_survives_a_json_round_trip(tiny_llama, student):
+    import json
+
+    task = get_task("causal_lm")
+    w = worker(tiny_llama, student, mode="replay", fraction=1.0)
+    b = prompt_batch()
+    w.position = (0, 0)  # progress 0: fresh
+    first = task.forward(w, b)
+    assert len(w.task_state[BUFFER]) == 2 and first.extra["mask"].sum() == 6
+    w.position = (0, 99)  # progress 0.99 with tau 1: fresh with probability 0.01, and this draw replays
+    assert batch_source(w.cfg.lm.sgo, 0, 0, 99, 0.99) == REPLAY
+    saved = json.loads(json.dumps(w.task_state))
+    rows = task.forward(w, b)
+    assert len(w.task_state[BUFFER]) == 2  # reused, not refilled
+    w.task_state = saved
+    again = task.forward(w, b)
+    assert torch.equal(rows.student, again.student) and torch.equal(rows.extra["mask"], again.extra["mask"])
+    replayed = {tuple(r[0]) for r in saved[BUFFER]}
+    gen = generated_batch(student, b, 2, sgo(max_new_tokens=3))
+    assert {tuple(gen["input_ids"][i, :int(gen["attention_mask"][i].sum())].tolist()) for i in range(2)} == replayed

@@ -16,7 +16,7 @@ from .checks import check_causal_lm, check_lm_models
 from .data import IGNORE, LMCollate, lm_to_ray, load_lm_task
 from .metrics import METRICS, cached_teacher, evaluate_lm, metrics_for, model_inputs, validate
 from .models import CausalLM, build_student, build_teacher, hf_teacher_dir
-from .sgo import generated_batch, student_generates
+from .sgo import sgo_batch
 
 KIND = "causal_lm"
 
@@ -130,17 +130,13 @@ class CausalLMTask:
         return LMCollate(meta.pad_token_id)
 
     def forward(self, w: WorkerContext, batch: dict) -> Rows:
-        sgo = w.cfg.lm.sgo
-        generated = sgo.mode is not None and w.stage.objective is not None and \
-            student_generates(w.cfg.seed, sgo.fraction, *w.position)
-        if generated:  # GKD mixing: the student's own continuations of the prompts, scored by the live teacher
-            batch = generated_batch(w.engine.module.model, batch, w.meta.pad_token_id, sgo)
+        batch, generated = sgo_batch(w, batch)  # lm.sgo: the student's own continuations, scored by the live teacher
         inputs = model_inputs(batch, w.device)
         labels = batch["labels"][:, 1:].to(w.device)
         logits = w.engine(**inputs)[:, :-1].float()
         if not bool((labels != IGNORE).any()):
             return Rows(logits, None, labels, empty=True)
-        if generated and not sgo.ce_on_generated:  # KD and Sinkhorn on the sampled tokens, no CE on them
+        if generated and not w.cfg.lm.sgo.ce_on_generated:  # KD and Sinkhorn on the sampled tokens, no CE on them
             return self_generated_rows(w, inputs, logits, labels)
         teacher = cached_teacher(batch, w.device)
         if teacher is not None:

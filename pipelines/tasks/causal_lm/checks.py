@@ -206,7 +206,7 @@ def check_sgo(cfg: Config, context: int) -> None:
     g = cfg.lm.sgo
     if g.mode is None:
         if g != type(g)():
-            raise ConfigError("lm.sgo: its settings are used only with lm.sgo.mode: mixed")
+            raise ConfigError("lm.sgo: its settings are used only with lm.sgo.mode: mixed or replay")
         return
     if cfg.lm.format not in ("prompt_response", "prompt_continuation"):
         raise ConfigError("lm.sgo.mode: the student continues prompts; use lm.format prompt_continuation or prompt_response")
@@ -214,6 +214,8 @@ def check_sgo(cfg: Config, context: int) -> None:
         raise ConfigError("lm.sgo.mode: student-generated batches are scored by a live teacher; set lm.cache.enabled: false")
     if not 0 <= g.fraction <= 1:
         raise ConfigError(f"lm.sgo.fraction: must be in [0, 1], got {g.fraction}")
+    if g.replay_capacity < 1:
+        raise ConfigError(f"lm.sgo.replay_capacity: must be > 0, got {g.replay_capacity}")
     if g.max_new_tokens < 1:
         raise ConfigError(f"lm.sgo.max_new_tokens: must be > 0, got {g.max_new_tokens}")
     if cfg.data.max_length + g.max_new_tokens > context:

@@ -1,4 +1,5 @@
-"""Student-generated outputs (SGO), GKD-style mixing (`lm.sgo.mode: mixed`).
+"""Student-generated outputs (SGO): GKD-style mixing (`lm.sgo.mode: mixed`) and DistiLLM-style
+replay (`lm.sgo.mode: replay`).
 
 With probability `lm.sgo.fraction` a training micro-batch of prompt/response rows is replaced by
 one whose responses the student samples itself from the rows' prompts (Hugging Face `generate`, KV
@@ -9,6 +10,13 @@ every rank (ranks generate together, which ZeRO-3's gathers would need), and sam
 per-micro-batch torch seed the worker sets, so a resumed run generates exactly what the first did.
 Every prompt gets exactly `max_new_tokens` new tokens (the end token is suppressed): shapes depend
 on the prompts only.
+
+Replay (Ko et al., DistiLLM, arXiv 2402.03898, its released `finetune.py` with a fixed threshold):
+with tau = `fraction` and training progress t in [0, 1), a micro-batch is freshly generated with
+probability tau (1 - t) (its rows then join this rank's FIFO buffer of `replay_capacity` rows), is
+drawn from the buffer with probability tau t, and is the data's otherwise: early batches sample, later
+ones mostly reuse samples of an older student. The buffer is per rank and is saved in every
+checkpoint (the worker's `task_state`), so resume stays exact.
 """
 
 from __future__ import annotations
@@ -19,9 +27,51 @@ import torch
 from .data import IGNORE
 
 
+FRESH, REPLAY, DATA = "fresh", "replay", "data"
+BUFFER = "sgo_buffer"  # the key of the replay rows in the worker's task_state: [[input_ids, labels], ...]
+
+
 def student_generates(seed: int, fraction: float, epoch: int, micro: int) -> bool:
     """Whether micro-batch `micro` of `epoch` is student-generated (identical on every rank)."""
     return bool(np.random.default_rng((seed, epoch, micro)).random() < fraction)
+
+
+def batch_source(sgo, seed: int, epoch: int, micro: int, progress: float) -> str:
+    """FRESH, REPLAY or DATA for one micro-batch, from one draw shared by the ranks (`progress`: the
+    share of the stage's micro-batches before this one)."""
+    r = np.random.default_rng((seed, epoch, micro)).random()
+    if sgo.mode == "mixed":
+        return FRESH if r < sgo.fraction else DATA
+    if r < sgo.fraction * (1 - progress):
+        return FRESH
+    return REPLAY if r < sgo.fraction else DATA
+
+
+def push_rows(buffer: list, batch: dict, capacity: int) -> None:
+    """Append the batch's labelled rows (without their padding) to a FIFO of at most `capacity` rows."""
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        if bool((labels != IGNORE).any()):
+            n = int(mask.sum())
+            buffer.append([ids[:n].tolist(), labels[:n].tolist()])
+    del buffer[:max(0, len(buffer) - capacity)]
+
+
+def replayed_batch(buffer: list, batch: dict, pad_id: int, rng: np.random.Generator) -> dict:
+    """The micro-batch with each labelled row replaced by a buffer row (drawn without replacement
+    while the buffer has enough), right-padded as LMCollate pads; padding rows and `ids` stay."""
+    real = [i for i, labels in enumerate(batch["labels"]) if bool((labels != IGNORE).any())]
+    picks = rng.choice(len(buffer), size=len(real), replace=len(buffer) < len(real))
+    rows = [buffer[k] for k in picks]
+    width = max([len(ids) for ids, _ in rows] + ([batch["input_ids"].shape[1]] if len(real) < len(batch["labels"]) else []))
+    out_ids = torch.full((len(batch["labels"]), width), pad_id, dtype=batch["input_ids"].dtype)
+    out_labels, out_mask = torch.full_like(out_ids, IGNORE), torch.zeros_like(out_ids)
+    kept = [i for i in range(len(batch["labels"])) if i not in real]
+    old = batch["input_ids"].shape[1]
+    out_ids[kept, :old], out_labels[kept, :old] = batch["input_ids"][kept], batch["labels"][kept]
+    out_mask[kept, :old] = batch["attention_mask"][kept]
+    for i, (ids, labels) in zip(real, rows):
+        out_ids[i, :len(ids)], out_labels[i, :len(ids)], out_mask[i, :len(ids)] = torch.tensor(ids), torch.tensor(labels), 1
+    return {**batch, "input_ids": out_ids, "labels": out_labels, "attention_mask": out_mask}
 
 
 def prompt_lengths(labels: torch.Tensor) -> torch.Tensor:
@@ -83,3 +133,23 @@ def generated_batch(model, batch: dict, pad_id: int, sgo) -> dict:
         out_labels[i, n:n + n_new] = new[row]
         out_mask[i, :n + n_new] = 1
     return {**batch, "input_ids": out_ids, "labels": out_labels, "attention_mask": out_mask}
+
+
+def sgo_batch(w, batch: dict) -> tuple[dict, bool]:
+    """(the micro-batch to train on, whether the student generated it) for a worker (WorkerContext):
+    the data's batch, the student's fresh samples of its prompts, or (replay) rows of this rank's buffer."""
+    sgo = w.cfg.lm.sgo
+    if sgo.mode is None or w.stage.objective is None:  # fine-tuning stages never sample
+        return batch, False
+    epoch, micro = w.position
+    per_epoch = w.meta.batches_per_epoch
+    source = batch_source(sgo, w.cfg.seed, epoch, micro, (epoch * per_epoch + micro) / (per_epoch * w.stage.train.epochs))
+    if source == DATA:
+        return batch, False
+    buffer = w.task_state.setdefault(BUFFER, []) if sgo.mode == "replay" else None
+    if source == REPLAY and buffer:  # an empty buffer (the first draws) samples afresh instead
+        return replayed_batch(buffer, batch, w.meta.pad_token_id, np.random.default_rng((w.cfg.seed, epoch, micro, w.rank))), True
+    out = generated_batch(w.engine.module.model, batch, w.meta.pad_token_id, sgo)
+    if buffer is not None:
+        push_rows(buffer, out, sgo.replay_capacity)
+    return out, True

@@ -28,7 +28,7 @@ from .tune import TuneInterrupted, experiment_storage, fit_trial, trial_inputs
 
 FOLDER = "compare"  # RUN_DIR/compare: the outputs, with Tune's experiment in compare/trials
 EXPERIMENT = f"{FOLDER}/trials"
-REFERENCE = "kd"  # the paired differences are taken against this objective
+REFERENCES = ("kd", "ce")  # the paired differences are taken against the first of these compared (cross jobs have no kd)
 DIVERGENCE_OBJECTIVES = {"kd": "kl", "rkl": "rkl", "js": "js", "tvd": "tvd", "skew_kl": "skew_kl"}
 CONFIDENCE = 0.95
 
@@ -143,9 +143,16 @@ def paired_difference(values: list[float], reference: list[float], confidence: f
     return {**out, "ci": [float(ci.low), float(ci.high)], "p": float(test.pvalue)}
 
 
+def reference_objective(names: list[str]) -> str | None:
+    """The objective the others are paired against: KD, else CE alone (a cross-tokenizer job), else none."""
+    return next((n for n in REFERENCES if n in names), None)
+
+
 def summarize(trials: list[dict], names: list[str], metrics: list[str]) -> dict:
-    """metric -> objective -> describe(...) of its test scores, with `vs_kd`: the paired difference
-    to KD over the seeds both finished (None for KD itself or without a KD objective)."""
+    """metric -> objective -> describe(...) of its test scores, with `vs_reference`: the paired
+    difference to reference_objective(names) over the seeds both finished (None for the reference
+    itself, or without one)."""
+    reference = reference_objective(names)
     scores = {n: {t["seed"]: t["test"] for t in trials if t["objective"] == n and t.get("test")} for n in names}
     out = {}
     for metric in metrics:
@@ -153,10 +160,10 @@ def summarize(trials: list[dict], names: list[str], metrics: list[str]) -> dict:
         for name in names:
             by_seed = {s: v[metric] for s, v in scores[name].items() if v.get(metric) is not None}
             row = describe([by_seed[s] for s in sorted(by_seed)])
-            ref = {s: v[metric] for s, v in scores.get(REFERENCE, {}).items() if v.get(metric) is not None}
+            ref = {s: v[metric] for s, v in scores.get(reference, {}).items() if v.get(metric) is not None}
             common = sorted(set(by_seed) & set(ref))
-            row["vs_kd"] = (paired_difference([by_seed[s] for s in common], [ref[s] for s in common])
-                            if REFERENCE in names and name != REFERENCE else None)
+            row["vs_reference"] = (paired_difference([by_seed[s] for s in common], [ref[s] for s in common])
+                                   if reference is not None and name != reference else None)
             rows[name] = row
         out[metric] = rows
     return out
@@ -174,13 +181,15 @@ def _p(value) -> str:
 
 
 def metric_table(metric: str, rows: dict) -> str:
-    """One metric's markdown table: an objective a row, the paired difference to KD at the right."""
-    head = ["objective", "seeds", "mean", "std", "min", "max", f"- {REFERENCE} (paired)", "95% CI", "p"]
+    """One metric's markdown table: an objective a row, the paired difference to the reference
+    (reference_objective) at the right."""
+    reference = reference_objective(list(rows))
+    head = ["objective", "seeds", "mean", "std", "min", "max", f"- {reference or 'kd'} (paired)", "95% CI", "p"]
     lines = [f"### test {metric}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
-        diff = r["vs_kd"]
+        diff = r["vs_reference"]
         if diff is None:
-            cells = ["reference" if name == REFERENCE else "n/a (no kd)", "", ""]
+            cells = ["reference" if name == reference else "n/a (no kd or ce)", "", ""]
         else:
             ci = "n/a" if diff["ci"] is None else f"[{diff['ci'][0]:+.4f}, {diff['ci'][1]:+.4f}]"
             cells = ["n/a" if diff["mean"] is None else f"{diff['mean']:+.4f}", ci, _p(diff["p"])]
@@ -198,7 +207,7 @@ def markdown(report: dict) -> str:
     lines += [f"- `{name}`: {line}" for name, line in report["described"].items()] + [""]
     for metric in report["metrics"]:
         lines += [metric_table(metric, report["summary"][metric]), ""]
-    lines.append(f"Differences: objective - {REFERENCE}, paired by seed over the seeds both finished; "
+    lines.append(f"Differences: objective - {reference_objective(list(report['objectives'])) or 'kd'}, paired by seed over the seeds both finished; "
                  f"{CONFIDENCE:.0%} interval from the t distribution with n - 1 degrees of freedom; p of a "
                  "two-sided paired t-test (scipy.stats.ttest_rel); std is the sample std (n - 1). "
                  "n/a: fewer than 2 values or pairs (or no spread, for p).")
@@ -363,7 +372,9 @@ def build_report(cfg: Config, plan, objectives: dict, seeds: list[int], results:
 
 
 def write_outputs(report: dict, out_dir: Path) -> dict:
-    """compare.json, compare.md, compare.png; returns the paths, the table and the failed trials."""
+    """compare.json, compare.md, compare.png; returns the paths, the table and the failed trials.
+    The statistics are recomputed from the trials (a compare.json of an older version reads as new)."""
+    report["summary"] = summarize(report["trials"], list(report["objectives"]), report["metrics"])
     (out_dir / "compare.json").write_text(json.dumps(report, indent=1))
     text = markdown(report)
     (out_dir / "compare.md").write_text(text)

@@ -97,9 +97,9 @@ def test_summary_pairs_by_seed_and_the_markdown_shows_its_numbers(tmp_path):
     summary = compare.summarize(trials, ["ce", "kd", "sinkd"], ["accuracy", "f1"])
     acc = summary["accuracy"]
     assert acc["ce"]["n"] == 3 and acc["ce"]["mean"] == pytest.approx(statistics.mean([0.70, 0.66, 0.60]))
-    assert acc["ce"]["vs_kd"] == compare.paired_difference([0.70, 0.66], [0.65, 0.64])  # seeds 0, 1 only
-    assert acc["sinkd"]["vs_kd"]["n"] == 1 and acc["sinkd"]["vs_kd"]["p"] is None  # seed 0 is its only pair
-    assert acc["kd"]["vs_kd"] is None
+    assert acc["ce"]["vs_reference"] == compare.paired_difference([0.70, 0.66], [0.65, 0.64])  # seeds 0, 1 only
+    assert acc["sinkd"]["vs_reference"]["n"] == 1 and acc["sinkd"]["vs_reference"]["p"] is None  # seed 0 is its only pair
+    assert acc["kd"]["vs_reference"] is None
     report = {"run_dir": "r", "teacher": "t", "metrics": ["accuracy", "f1"], "headline": "accuracy", "data": "d",
               "seeds": [0, 1, 2], "objectives": {n: {"alpha": 1.0} for n in ("ce", "kd", "sinkd")},
               "trials": trials, "summary": summary,
@@ -116,6 +116,25 @@ def test_summary_pairs_by_seed_and_the_markdown_shows_its_numbers(tmp_path):
     assert "2 of 9 trials failed" in md and out["failed"][0]["error"] == "boom"
     assert (tmp_path / "compare.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "compare.json").read_text())["summary"] == json.loads(json.dumps(summary))
+
+
+def test_without_kd_the_paired_column_is_against_ce_alone(tmp_path):
+    """A cross-tokenizer comparison (no token-level KD between vocabularies) pairs against CE alone."""
+    trials = _trials({"ce": [0.60, 0.62], "uld": [0.64, 0.63], "multilevel_ot": [0.66, 0.61]})
+    names = ["ce", "uld", "multilevel_ot"]
+    summary = compare.summarize(trials, names, ["accuracy"])
+    assert summary["accuracy"]["uld"]["vs_reference"] == compare.paired_difference([0.64, 0.63], [0.60, 0.62])
+    assert summary["accuracy"]["ce"]["vs_reference"] is None
+    report = {"run_dir": "r", "teacher": "t", "metrics": ["accuracy"], "headline": "accuracy", "data": "d", "seeds": [0, 1],
+              "objectives": {n: {} for n in names}, "trials": trials, "summary": {},
+              "described": {n: n for n in names}}
+    compare.write_outputs(report, tmp_path)
+    md = (tmp_path / "compare.md").read_text()
+    rows = _md_rows(md, "accuracy")
+    assert "| - ce (paired) |" in md and rows["ce"][5] == "reference" and rows["uld"][5] == "+0.0250"
+    assert "Differences: objective - ce," in md
+    alone = compare.summarize(_trials({"uld": [0.6, 0.7]}), ["uld"], ["accuracy"])
+    assert alone["accuracy"]["uld"]["vs_reference"] is None
 
 
 def _md_rows(md: str, metric: str) -> dict:

@@ -96,6 +96,11 @@ def test_generated_batch_keeps_the_prompts_labels_only_the_new_tokens_and_leaves
     assert out["attention_mask"][1].tolist() == [1] * 5 + [0] * 2
     assert torch.equal(out["input_ids"][2], b["input_ids"][2]) and (out["labels"][2] == IGNORE).all()
     assert torch.equal(out["ids"], b["ids"])
+    # Without a padding row the rebuilt batch is as wide as its longest prompt + new tokens, here
+    # narrower than the data's rows (the longer response is not kept).
+    two = {k: v[:2] for k, v in b.items()}
+    narrow = generated_batch(student, two, 2, sgo(max_new_tokens=1))
+    assert narrow["input_ids"].shape == (2, 5) and narrow["labels"][0].tolist() == [IGNORE] * 4 + new[0, :1].tolist()
 
 
 class EngineLike(torch.nn.Module):
@@ -236,6 +241,8 @@ def test_the_buffer_keeps_labelled_rows_without_padding_first_in_first_out():
     assert all(r in buffer for r in rows) and rows[0] != rows[1]  # two distinct buffer rows
     assert torch.equal(out["input_ids"][2], b["input_ids"][2]) and (out["labels"][2] == IGNORE).all()
     assert torch.equal(out["ids"], b["ids"])
+    narrow = replayed_batch([[[9, 8, 70], [IGNORE, IGNORE, 70]]], {k: v[:2] for k, v in b.items()}, 2, np.random.default_rng(0))
+    assert narrow["input_ids"].tolist() == [[9, 8, 70]] * 2  # drawn with replacement: the buffer has one row
 
 
 def test_replay_fills_the_buffer_when_it_samples_then_trains_on_it_and_survives_a_json_round_trip(tiny_llama, student):

@@ -66,9 +66,10 @@ def replayed_batch(buffer: list, batch: dict, pad_id: int, rng: np.random.Genera
     out_ids = torch.full((len(batch["labels"]), width), pad_id, dtype=batch["input_ids"].dtype)
     out_labels, out_mask = torch.full_like(out_ids, IGNORE), torch.zeros_like(out_ids)
     kept = [i for i in range(len(batch["labels"])) if i not in real]
-    old = batch["input_ids"].shape[1]
-    out_ids[kept, :old], out_labels[kept, :old] = batch["input_ids"][kept], batch["labels"][kept]
-    out_mask[kept, :old] = batch["attention_mask"][kept]
+    if kept:  # then width >= the batch's
+        old = batch["input_ids"].shape[1]
+        out_ids[kept, :old], out_labels[kept, :old] = batch["input_ids"][kept], batch["labels"][kept]
+        out_mask[kept, :old] = batch["attention_mask"][kept]
     for i, (ids, labels) in zip(real, rows):
         out_ids[i, :len(ids)], out_labels[i, :len(ids)], out_mask[i, :len(ids)] = torch.tensor(ids), torch.tensor(labels), 1
     return {**batch, "input_ids": out_ids, "labels": out_labels, "attention_mask": out_mask}
@@ -125,8 +126,9 @@ def generated_batch(model, batch: dict, pad_id: int, sgo) -> dict:
     out_labels = torch.full_like(out_ids, IGNORE)
     out_mask = torch.zeros_like(out_ids)
     kept = [i for i in range(len(lengths)) if i not in real]
-    old = ids.shape[1]
-    out_ids[kept, :old], out_labels[kept, :old], out_mask[kept, :old] = ids[kept], labels[kept], batch["attention_mask"][kept]
+    if kept:  # then width >= the batch's
+        old = ids.shape[1]
+        out_ids[kept, :old], out_labels[kept, :old], out_mask[kept, :old] = ids[kept], labels[kept], batch["attention_mask"][kept]
     for row, i in enumerate(real):
         n = lengths[i]
         out_ids[i, :n], out_ids[i, n:n + n_new] = ids[i, :n], new[row]

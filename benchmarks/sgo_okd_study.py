@@ -35,7 +35,7 @@ def run(variant: str, seed: int, out: Path, extra: list[str]) -> dict:
     results = run_dir / "results.json"
     if not results.exists():
         sets = [f"run_dir={run_dir}", f"seed={seed}", *VARIANTS[variant], *extra]
-        cmd = [sys.executable, "-m", "sinkd", "train", str(CONFIG), *[a for s in sets for a in ("--set", s)]]
+        cmd = [sys.executable, "-m", "pipelines.cli", "train", str(CONFIG), *[a for s in sets for a in ("--set", s)]]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     return json.loads(results.read_text())

@@ -13,7 +13,7 @@ from ...config import Config, model_config
 from ..common import SameVocabObjective, epoch_shape, load_tokenizer
 from ..protocol import Prepared, Rows, Stage, StageMeta, WorkerContext
 from .checks import check_causal_lm, check_lm_models
-from .data import IGNORE, LMCollate, lm_to_ray, load_lm_task
+from .data import IGNORE, PROMPT_FORMATS, LMCollate, lm_to_ray, load_lm_task
 from .metrics import METRICS, cached_teacher, evaluate_lm, metrics_for, model_inputs, validate
 from .models import CausalLM, build_student, build_teacher, hf_teacher_dir
 from .sgo import sgo_batch
@@ -85,9 +85,11 @@ class CausalLMTask:
             splits[split] = {"blocks": table.num_rows, "available": data.available.get(split, table.num_rows),
                              "documents": data.documents.get(split), "tokens": data.tokens(split),
                              "source": data.sources.get(split)}
-        lines = [f"  {split:<10} {s['blocks']:>8,} blocks" + (f" of {s['available']:,}" if s["available"] > s["blocks"] else "")
-                 + f"  {s['tokens']:,} labelled tokens, {s['documents']:,} documents  from {s['source']}"
-                 for split, s in splits.items()]
+        records = cfg.lm.format in PROMPT_FORMATS  # rows are prompt/response records, not blocks of documents
+        lines = [f"  {split:<10} {s['blocks']:>8,} {'records' if records else 'blocks'}"
+                 + (f" of {s['available']:,}" if s["available"] > s["blocks"] else "")
+                 + f"  {s['tokens']:,} labelled tokens" + ("" if records else f", {s['documents']:,} documents")
+                 + f"  from {s['source']}" for split, s in splits.items()]
         return {"splits": splits, "warnings": [], "lines": lines}
 
     def stage_meta(self, cfg: Config, prepared: Prepared, stage: Stage) -> StageMeta:

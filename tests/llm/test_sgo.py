@@ -265,3 +265,15 @@ def test_replay_fills_the_buffer_when_it_samples_then_trains_on_it_and_survives_
     replayed = {tuple(r[0]) for r in saved[BUFFER]}
     gen = generated_batch(student, b, 2, sgo(max_new_tokens=3))
     assert {tuple(gen["input_ids"][i, :int(gen["attention_mask"][i].sum())].tolist()) for i in range(2)} == replayed
+
+
+def test_the_gguf_teachers_context_bounds_the_generation_length():
+    from pathlib import Path
+
+    from pipelines.tasks import load_checked_config
+
+    config = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "smollm2_sgo.yaml"
+    with pytest.raises(ConfigError, match=r"^lm\.sgo\.max_new_tokens: prompts of up to data\.max_length=128 tokens \+ 8100 new "
+                                          r"tokens exceed the model context of 8192 tokens$"):
+        load_checked_config(config, ["lm.sgo.max_new_tokens=8100"])
+    assert load_checked_config(config, ["lm.sgo.max_new_tokens=8064"]).lm.sgo.max_new_tokens == 8064  # 128 + 8064 = 8192

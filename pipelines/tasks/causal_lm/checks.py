@@ -92,7 +92,7 @@ def teacher_source(cfg: Config) -> tuple[Path, str | None]:
     return path, None
 
 
-def _gguf_header(path: Path) -> tuple[int, int, int]:
+def _gguf_header(path: Path) -> tuple[int, int, int | None]:
     """(decoder layers, vocabulary size, context length) from GGUF metadata; read once per file version (Tune
     validates the config once per sampled value)."""
     stat = path.stat()
@@ -100,13 +100,14 @@ def _gguf_header(path: Path) -> tuple[int, int, int]:
 
 
 @lru_cache(maxsize=8)
-def _gguf_header_cached(path: str, size: int, mtime: int) -> tuple[int, int, int]:
+def _gguf_header_cached(path: str, size: int, mtime: int) -> tuple[int, int, int | None]:
     from gguf import GGUFReader
 
     fields = GGUFReader(path).fields  # memory-mapped; no weights dequantised
     arch = bytes(fields["general.architecture"].parts[-1]).decode()
+    context = fields.get(f"{arch}.context_length")  # optional metadata: None when a file lacks it
     return (int(fields[f"{arch}.block_count"].parts[-1][0]), len(fields["tokenizer.ggml.tokens"].data),
-            int(fields[f"{arch}.context_length"].parts[-1][0]))
+            int(context.parts[-1][0]) if context is not None else None)
 
 
 def teacher_layer_count(directory: Path, gguf: str | None) -> int:
@@ -117,8 +118,8 @@ def teacher_vocab_size(directory: Path, gguf: str | None) -> int:
     return _gguf_header(directory / gguf)[1] if gguf else _config_int(directory, "vocab_size")
 
 
-def teacher_context_length(directory: Path, gguf: str | None) -> int:
-    return _gguf_header(directory / gguf)[2] if gguf else _config_int(directory, "max_position_embeddings")
+def teacher_context_length(directory: Path, gguf: str | None) -> int | None:
+    return _gguf_header(directory / gguf)[2] if gguf else model_config(directory).get("max_position_embeddings")
 
 
 def _config_int(directory: Path, key: str) -> int:
@@ -166,15 +167,16 @@ def check_lm_models(cfg: Config) -> None:
         check_same_tokenizer(directory, student, teacher_gguf=gguf, require_student_tokenizer=True)
     check_student_keys(cfg)
     check_online_teacher(cfg, teacher_layer_count(directory, gguf))
-    check_sgo(cfg, model_context(cfg, directory, gguf) if cfg.lm.sgo.mode else 0)
+    check_sgo(cfg, model_context(cfg, directory, gguf) if cfg.lm.sgo.mode else None)
 
 
-def model_context(cfg: Config, directory: Path, gguf: str | None) -> int:
-    """Positions both models hold: the smaller of the teacher's and (if it says) the student's."""
+def model_context(cfg: Config, directory: Path, gguf: str | None) -> int | None:
+    """Positions both models hold: the smaller of those the teacher's and the student's configs
+    state (None when neither does)."""
     s = cfg.student
     student = model_config(model_dir(s.path, "student.path")).get("max_position_embeddings") \
         if s.init == "pretrained" else s.config.get("max_position_embeddings")
-    return min(c for c in (teacher_context_length(directory, gguf), student) if isinstance(c, int))
+    return min((c for c in (teacher_context_length(directory, gguf), student) if isinstance(c, int)), default=None)
 
 
 def check_online_teacher(cfg: Config, teacher_layers: int) -> None:
@@ -200,7 +202,7 @@ def check_online_teacher(cfg: Config, teacher_layers: int) -> None:
                           "the partitioned teacher's layers); use zero_stage 0-2")
 
 
-def check_sgo(cfg: Config, context: int) -> None:
+def check_sgo(cfg: Config, context: int | None) -> None:
     """lm.sgo (student-generated batches): prompts to continue, a live teacher to score them, a
     fraction, sampling settings and a length the models can hold."""
     g = cfg.lm.sgo
@@ -218,7 +220,7 @@ def check_sgo(cfg: Config, context: int) -> None:
         raise ConfigError(f"lm.sgo.replay_capacity: must be > 0, got {g.replay_capacity}")
     if g.max_new_tokens < 1:
         raise ConfigError(f"lm.sgo.max_new_tokens: must be > 0, got {g.max_new_tokens}")
-    if cfg.data.max_length + g.max_new_tokens > context:
+    if context is not None and cfg.data.max_length + g.max_new_tokens > context:
         raise ConfigError(f"lm.sgo.max_new_tokens: prompts of up to data.max_length={cfg.data.max_length} tokens + "
                           f"{g.max_new_tokens} new tokens exceed the model context of {context} tokens")
     if g.temperature < 0 or not 0 < g.top_p <= 1 or g.top_k < 0:

@@ -1,6 +1,7 @@
 """KD, KD + SGO (GKD mixing), OKD and OKD + SinKD at the same optimizer steps, over seeds: one
 `sinkd train pipelines/configs/smollm2_sgo.yaml` run per (variant, seed), each in its own run
-directory (a finished run is read back, not rerun). Prints a table (per run, then mean and spread
+directory (a finished run is read back, not rerun; the teacher's test scores of an earlier run of the
+same seed are offered to the next, see share_teacher_scores). Prints a table (per run, then mean and spread
 per variant) and writes JSON.
 
     python benchmarks/sgo_okd_study.py --out /tmp/sgo_study --seeds 0 1 [--set data.max_train_examples=240]
@@ -34,11 +35,23 @@ def run(variant: str, seed: int, out: Path, extra: list[str]) -> dict:
     run_dir = out / f"{variant}_s{seed}"
     results = run_dir / "results.json"
     if not results.exists():
+        share_teacher_scores(run_dir, out.glob(f"*_s{seed}/scores/teacher.json"))
         sets = [f"run_dir={run_dir}", f"seed={seed}", *VARIANTS[variant], *extra]
         cmd = [sys.executable, "-m", "pipelines.cli", "train", str(CONFIG), *[a for s in sets for a in ("--set", s)]]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     return json.loads(results.read_text())
+
+
+def share_teacher_scores(run_dir: Path, earlier) -> None:
+    """The teacher's test scores stored by an earlier run of the same seed, copied into a new run
+    directory: the job reuses them only if their key (teacher files, test rows, metrics, lm settings)
+    is its own, and otherwise scores the teacher again."""
+    target = run_dir / "scores" / "teacher.json"
+    for source in earlier:
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
 
 
 def row(variant: str, seed: int, results: dict, extra: list[str]) -> dict:

@@ -220,8 +220,9 @@ def _score_key(cfg: Config, prepared: Prepared, model_dir: str) -> str:
     """What a model's test scores depend on: its files, the test rows, the metrics, the length cap."""
     import pyarrow as pa
 
+    lm = {k: v for k, v in dataclasses.asdict(cfg.lm).items() if k != "sgo"}  # how students train, not how models score
     h = hashlib.sha256(json.dumps([prepared.metrics, cfg.data.max_length, cfg.train.eval_batch_size,
-                                   prepared.teacher_dir, dataclasses.asdict(cfg.lm)]).encode())
+                                   prepared.teacher_dir, lm]).encode())
     for f in sorted(Path(model_dir).iterdir()):
         if f.is_file():
             stat = f.stat()

@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llm_helpers import EngineLike
+
 from pipelines.config import ConfigError, set_key
 from pipelines.tasks import checked_config, get_task
 from pipelines.tasks.causal_lm.data import IGNORE
@@ -74,17 +76,6 @@ def worker(tiny_llama, online: dict, layer=None):
     student = CausalLM(student_from_teacher_layers(load_causal_lm(str(tiny_llama)), [0, 3]),
                        ResidualAdapter(teacher.model.config.hidden_size, 4), cfg.teacher.online.lr)
     return FakeWorker(cfg=cfg, teacher=teacher, device=torch.device("cpu"), engine=EngineLike(student))
-
-
-class EngineLike(torch.nn.Module):
-    """DeepSpeed's engine as the task uses it: called like its module, and `.module`."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, **inputs):
-        return self.module(**inputs)
 
 
 def batch(seed=0):

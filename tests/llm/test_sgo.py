@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from llm_helpers import EngineLike
+
 from pipelines.config import Config, ConfigError, set_key
 from pipelines.tasks import checked_config, get_task
 from pipelines.tasks.causal_lm.data import IGNORE
@@ -101,15 +103,6 @@ def test_generated_batch_keeps_the_prompts_labels_only_the_new_tokens_and_leaves
     two = {k: v[:2] for k, v in b.items()}
     narrow = generated_batch(student, two, 2, sgo(max_new_tokens=1))
     assert narrow["input_ids"].shape == (2, 5) and narrow["labels"][0].tolist() == [IGNORE] * 4 + new[0, :1].tolist()
-
-
-class EngineLike(torch.nn.Module):
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, **inputs):
-        return self.module(**inputs)
 
 
 def worker(tiny_llama, student, **sgo_over):

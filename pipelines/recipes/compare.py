@@ -358,7 +358,7 @@ def run_compare(cfg: Config, names: list[str] | None = None, seeds: int = 3) -> 
 
 
 def build_report(cfg: Config, plan, objectives: dict, seeds: list[int], results: list) -> dict:
-    """compare.json's content: the setting, every trial (objective order, then seed), the statistics."""
+    """compare.json's content: the setting and every trial (objective order, then seed); write_outputs adds the statistics."""
     metrics, task = plan.prepared.metrics, get_task(cfg.task_type)
     order = {n: i for i, n in enumerate(objectives)}
     trials = sorted((trial_record(r, metrics) for r in results), key=lambda t: (order[t["objective"]], t["seed"]))
@@ -367,8 +367,7 @@ def build_report(cfg: Config, plan, objectives: dict, seeds: list[int], results:
             "data": f"{sizes.get('train', 0)} train / {sizes.get('validation', 0)} validation / "
                     f"{sizes.get('test', 0)} test rows, {plan.prepared.description}",
             "seeds": seeds, "objectives": objectives, "trials": trials,
-            "described": {name: task.objective(o).describe() for name, o in objectives.items()},
-            "summary": summarize(trials, list(objectives), metrics)}
+            "described": {name: task.objective(o).describe() for name, o in objectives.items()}}
 
 
 def write_outputs(report: dict, out_dir: Path) -> dict:

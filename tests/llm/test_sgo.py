@@ -17,8 +17,12 @@ from pipelines.tasks import checked_config, get_task
 from pipelines.tasks.causal_lm.data import IGNORE
 from pipelines.tasks.causal_lm.models import CausalLM, load_causal_lm
 from pipelines.tasks.causal_lm.sgo import (BUFFER, FRESH, REPLAY, batch_source, generated_batch, prompt_lengths,
-                                           push_rows, replayed_batch, sample_continuations, student_generates)
+                                           push_rows, replayed_batch, sample_continuations)
 from pipelines.tasks.common import student_from_teacher_layers
+
+
+def student_generates(seed: int, fraction: float, epoch: int, micro: int) -> bool:
+    return batch_source(SimpleNamespace(mode="mixed", fraction=fraction), seed, epoch, micro, 0.0) == FRESH
 
 
 def test_the_coin_has_the_asked_frequency_and_is_a_function_of_seed_epoch_and_micro_batch():
@@ -216,7 +220,7 @@ def test_replay_draws_fresh_samples_early_and_buffer_rows_late_at_the_asked_rate
     for progress, fresh, replay in ((0.0, 0.8, 0.0), (0.5, 0.4, 0.4), (0.9, 0.08, 0.72)):
         draws = [batch_source(g, 0, 0, m, progress) for m in range(3000)]
         assert abs(draws.count(FRESH) / 3000 - fresh) < 0.03 and abs(draws.count(REPLAY) / 3000 - replay) < 0.03
-    mixed = SimpleNamespace(mode="mixed", fraction=0.8)
+    mixed = SimpleNamespace(mode="mixed", fraction=0.8)  # mixing ignores progress
     assert [batch_source(mixed, 0, 0, m, 0.9) == FRESH for m in range(50)] == [student_generates(0, 0.8, 0, m) for m in range(50)]
 
 

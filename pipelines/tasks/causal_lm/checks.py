@@ -14,6 +14,7 @@ from pathlib import Path
 from ...config import Config, ConfigError, data_file_paths, model_config, model_dir, resolve_path
 from ..common import check_same_tokenizer, check_student_keys
 
+PROMPT_FORMATS = ("prompt_response", "prompt_continuation")  # rows of a prompt and a response: loss on the response
 LM_FORMATS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".bz2": "wiki_xml", ".xml": "wiki_xml"}
 
 
@@ -210,7 +211,7 @@ def check_sgo(cfg: Config, context: int | None) -> None:
         if g != type(g)():
             raise ConfigError("lm.sgo: its settings are used only with lm.sgo.mode: mixed or replay")
         return
-    if cfg.lm.format not in ("prompt_response", "prompt_continuation"):
+    if cfg.lm.format not in PROMPT_FORMATS:
         raise ConfigError("lm.sgo.mode: the student continues prompts; use lm.format prompt_continuation or prompt_response")
     if cfg.lm.cache.enabled:
         raise ConfigError("lm.sgo.mode: student-generated batches are scored by a live teacher; set lm.cache.enabled: false")

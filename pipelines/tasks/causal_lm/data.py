@@ -28,11 +28,10 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 from ...config import Config
 from ..common import (PAD_ID, DataError, attention_mask, carve, carved_size, load_tokenizer, padded, padded_rows, shuffled,
                       subsample)
-from .checks import lm_file_format
+from .checks import PROMPT_FORMATS, lm_file_format
 from .prompts import continuation_records
 
 IGNORE = -100  # label of tokens outside the loss (prompt, padding)
-PROMPT_FORMATS = ("prompt_response", "prompt_continuation")  # rows of a prompt and a response: loss on the response
 
 
 def record_where(cfg: Config, split: str, number: int) -> str:

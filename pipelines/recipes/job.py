@@ -299,20 +299,26 @@ def summary(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "loss")  # the language-model scores; the rest: higher is better
+
+
 def best_student_lines(results: dict) -> list[str]:
-    """Which student scored best on the headline metric, by how much, and what one seed can say about it."""
+    """Which student scored best on the headline metric, by how much (margins: how much better, so
+    positive for the best), where the teacher stands, and what one seed can say about it."""
     metric = results["metrics"][0]
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     students = {name: info["test"][metric] for name, info in results["models"].items()
                 if name != TEACHER and info.get("test", {}).get(metric) is not None}
     if not students:
         return []
-    ranked = sorted(students.items(), key=lambda kv: kv[1], reverse=True)
+    ranked = sorted(students.items(), key=lambda kv: sign * kv[1], reverse=True)
     (best, score), others = ranked[0], ranked[1:]
-    lines = [f"best student: {best} (test {metric} {score:.4f}"
-             + "".join(f"; {score - s:+.4f} over {name}" for name, s in others) + ")"]
+    direction = ", lower is better" if sign < 0 else ""
+    lines = [f"best student: {best} (test {metric} {score:.4f}{direction}"
+             + "".join(f"; {sign * (score - s):+.4f} over {name}" for name, s in others) + ")"]
     teacher = results["models"].get(TEACHER, {}).get("test", {}).get(metric)
     if teacher is not None:
-        lines.append(f"teacher: test {metric} {teacher:.4f} ({teacher - score:+.4f} over the best student)")
+        lines.append(f"teacher: test {metric} {teacher:.4f} ({sign * (teacher - score):+.4f} over the best student)")
     if others:
         lines.append(f"1 seed: whether these differences are beyond seed noise is not tested; "
                      f"`sinkd compare {Path(results['run_dir']) / 'config.yaml'} --seeds 3` tests them")

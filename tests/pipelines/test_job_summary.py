@@ -36,3 +36,10 @@ def test_one_student_has_no_ranking_to_doubt_and_the_summary_carries_the_lines()
     assert "best student: sinkd (test accuracy 0.7000)\n" in summary(results)
     given = _results({"s": 0.5})
     assert best_student_lines(given) == ["best student: s (test accuracy 0.5000)"]
+
+
+def test_for_bits_per_byte_the_lowest_student_is_best_and_margins_count_as_better():
+    results = _results({"teacher": 1.00, "sinkd": 1.20, "kd": 1.10}, metrics=("bits_per_byte", "perplexity"))
+    lines = best_student_lines(results)
+    assert lines[0] == "best student: kd (test bits_per_byte 1.1000, lower is better; +0.1000 over sinkd)"
+    assert lines[1] == "teacher: test bits_per_byte 1.0000 (+0.1000 over the best student)"

@@ -17,7 +17,8 @@ each objective of `sinkd compare` (its weights as the comparison trains them):
 - ``C/eps``: the mean ground cost in units of eps (a kernel exp(-C/eps) near 1 everywhere means a
   near-uniform plan).
 
-Prints one table and writes JSON (``--out``). CPU, a few seconds per state.
+Prints one table and writes JSON (``--out``). CPU: about a minute per state for 512 rows, 3
+objectives, 3 batch sizes and 8 batches on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -44,11 +45,11 @@ from sinkd import DistillationObjective, ObjectiveConfig, cost_matrix, sinkhorn 
 
 @torch.no_grad()
 def logits_of(model: torch.nn.Module, tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
-    model.eval()
+    classifier = Classifier(model, "encoder").eval()
     out = []
     for i in range(0, len(texts), 64):
         enc = tokenizer(texts[i:i + 64], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        out.append(Classifier(model, "encoder")(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")))
+        out.append(classifier(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")))
     return torch.cat(out).double()
 
 

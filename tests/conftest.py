@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +19,15 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # Set before any Ray starts, so the in-process Ray, the `sinkd` subprocesses and the test cluster's
 # nodes inherit it (Ray Train also propagates it to its controller).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+
+def pytest_configure(config):
+    """Ray writes ~/.ray/auth_token the first time a local cluster starts; two pytest-xdist workers
+    doing that at once can leave one cluster with a token its processes no longer read. Write it
+    once, in the controller, before any worker starts."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None and not (Path.home() / ".ray" / "auth_token").exists():
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"],
+                       check=True, capture_output=True)
 
 
 RAY_FIXTURES = {"ray_session", "local_ray", "zero2", "live_zero2"}  # fixtures that start (or need) a Ray instance

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 LIBRARIES = ("ray", "DeepSpeed", "py.warnings")  # loggers whose records RUN_DIR/logs/driver.log keeps
@@ -72,9 +71,10 @@ def _console_at_warning(logger: logging.Logger) -> None:
             handler.setLevel(logging.WARNING)
 
 
-def to_run_dir(run_dir: str | Path, local_ray: bool) -> Path:
+def to_run_dir(run_dir: str | Path, ray_session_dir: str | None = None) -> Path:
     """RUN_DIR/logs/driver.log gets every library log record of this process (INFO and above), and
-    RUN_DIR/logs/ray links to the local Ray session's logs (workers' stdout/stderr, Ray's own)."""
+    RUN_DIR/logs/ray links to the logs of the local Ray session this process started (workers'
+    stdout/stderr, Ray's own), when it started one."""
     logs = Path(run_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     if _state["handler"] is None:
@@ -84,8 +84,8 @@ def to_run_dir(run_dir: str | Path, local_ray: bool) -> Path:
         for name in LIBRARIES:
             logging.getLogger(name).addHandler(handler)
         _state["handler"] = handler
-    if local_ray:
-        session = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray" / "session_latest" / "logs"
+    if ray_session_dir:
+        session = Path(ray_session_dir) / "logs"
         link = logs / "ray"
         if session.exists():
             if link.is_symlink() or link.exists():

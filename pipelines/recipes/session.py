@@ -9,8 +9,9 @@ from ..config import Config
 from . import logs
 
 
-def init_local_ray(**kwargs) -> None:
-    """`ray.init(address="local")` with the new cluster's own address in RAY_ADDRESS for its processes.
+def init_local_ray(**kwargs) -> str:
+    """`ray.init(address="local")` with the new cluster's own address in RAY_ADDRESS for its processes;
+    returns the new cluster's session directory (its logs; /tmp/ray/session_latest may be another's).
 
     Code inside a Ray cluster that calls the state API without an address (Ray Train V2's
     PlacementGroupCleaner among it) finds its cluster by scanning the machine and fails when two Ray
@@ -30,7 +31,7 @@ def init_local_ray(**kwargs) -> None:
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
     try:
-        ray.init(address="local", **kwargs)
+        return ray.init(address="local", **kwargs).address_info["session_dir"]
     finally:
         for key, value in saved.items():
             if value is None:
@@ -56,13 +57,13 @@ def ray_session(cfg: Config, extra_cpus: int = 0):
         # A fresh local instance, even when a `ray start` node runs on this machine (a plain
         # ray.init() would silently join the latest one).
         kwargs.pop("address")
-        init_local_ray(num_cpus=(cfg.ray.num_cpus or (os.cpu_count() or 1) + 1) + extra_cpus,
+        session_dir = init_local_ray(num_cpus=(cfg.ray.num_cpus or (os.cpu_count() or 1) + 1) + extra_cpus,
                        object_store_memory=cfg.ray.object_store_memory_mb * 2**20 if cfg.ray.object_store_memory_mb else None,
                        **kwargs)
-        logs.to_run_dir(cfg.run_dir, local_ray=True)
+        logs.to_run_dir(cfg.run_dir, ray_session_dir=session_dir)
     else:
         ray.init(**kwargs)
-        logs.to_run_dir(cfg.run_dir, local_ray=False)
+        logs.to_run_dir(cfg.run_dir)
     try:
         yield
     finally:

@@ -41,9 +41,9 @@ def _sinkd(*args, timeout: float = 600) -> subprocess.CompletedProcess:
                           capture_output=True, timeout=timeout)
 
 
-def _ray_session_latest() -> str | None:
-    link = Path("/tmp/ray/session_latest")
-    return os.path.realpath(link) if link.exists() else None
+def _linked_ray_session(run_dir: Path) -> str:
+    """The Ray session a run's logs link to (the machine's session_latest may be another test's)."""
+    return os.readlink(run_dir / "logs" / "ray")
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +97,12 @@ def test_rerunning_a_finished_job_reuses_stages_and_scores_without_ray(job):
     path, run_dir, first = job
     assert first.returncode == 0
     before = json.loads((run_dir / "results.json").read_text())
-    session = _ray_session_latest()
+    session = _linked_ray_session(run_dir)
     again = _sinkd("train", path, "--no-progress", timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     after = json.loads((run_dir / "results.json").read_text())
     assert after["models"]["sinkd"]["reused"] and after["models"]["sinkd"]["test"] == before["models"]["sinkd"]["test"]
-    assert _ray_session_latest() == session  # no Ray was started
+    assert _linked_ray_session(run_dir) == session  # no Ray was started (it would link its session)
 
 
 def test_verbose_shows_the_libraries_logs(job):

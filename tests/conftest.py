@@ -33,8 +33,20 @@ def pytest_configure(config):
 RAY_FIXTURES = {"ray_session", "local_ray", "zero2", "live_zero2"}  # fixtures that start (or need) a Ray instance
 
 
+# The longest test files, longest first (seconds per file under `-n 2`, benchmarks/RESULTS.md "Where CI's
+# time goes"). pytest-xdist hands files out in collection order (with --no-loadscope-reorder): starting
+# these first keeps a single long file from running alone at the end while the other worker idles.
+LONGEST_FIRST = ("tests/pipelines/test_e2e.py", "tests/cluster/test_isolated_node.py", "tests/pipelines/test_compare.py",
+                 "tests/llm/test_llm_ray.py", "tests/pipelines/test_tune_e2e.py", "tests/pipelines/test_run_output.py",
+                 "tests/llm/test_cross_tokenizer_ray.py", "tests/llm/test_online_teacher_ray.py",
+                 "tests/llm/test_prompt_response_ray.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Every test that starts Ray carries the `slow` marker (`-m "not slow"` is the quick suite)."""
+    """Every test that starts Ray carries the `slow` marker (`-m "not slow"` is the quick suite);
+    the longest files are collected first (a stable sort: tests keep their order within a file)."""
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
     unmarked = [item.nodeid for item in items
                 if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None]
     if unmarked:

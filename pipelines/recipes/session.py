@@ -58,8 +58,8 @@ def ray_session(cfg: Config, extra_cpus: int = 0):
         # ray.init() would silently join the latest one).
         kwargs.pop("address")
         session_dir = init_local_ray(num_cpus=(cfg.ray.num_cpus or (os.cpu_count() or 1) + 1) + extra_cpus,
-                       object_store_memory=cfg.ray.object_store_memory_mb * 2**20 if cfg.ray.object_store_memory_mb else None,
-                       **kwargs)
+                                     object_store_memory=cfg.ray.object_store_memory_mb * 2**20
+                                     if cfg.ray.object_store_memory_mb else None, **kwargs)
         logs.to_run_dir(cfg.run_dir, ray_session_dir=session_dir)
     else:
         ray.init(**kwargs)

@@ -33,8 +33,8 @@ def pytest_configure(config):
 RAY_FIXTURES = {"ray_session", "local_ray", "zero2", "live_zero2"}  # fixtures that start (or need) a Ray instance
 
 
-# The longest test files, longest first (seconds per file under `-n 2`, benchmarks/RESULTS.md "Where CI's
-# time goes"). pytest-xdist hands files out in collection order (with --no-loadscope-reorder): starting
+# The longest test files, longest first (seconds per file under `-n 2`, benchmarks/RESULTS.md "Two test files
+# at a time"). pytest-xdist hands files out in collection order (with --no-loadscope-reorder): starting
 # these first keeps a single long file from running alone at the end while the other worker idles.
 LONGEST_FIRST = ("tests/pipelines/test_e2e.py", "tests/cluster/test_isolated_node.py", "tests/pipelines/test_compare.py",
                  "tests/llm/test_llm_ray.py", "tests/pipelines/test_tune_e2e.py", "tests/pipelines/test_run_output.py",

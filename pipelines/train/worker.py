@@ -195,8 +195,8 @@ def step_loss(w: Worker, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss of one micro-batch and its terms (a TERMS-long tensor on the device: no host sync
     here), from the objective on the task's rows, or CE when fine-tuning."""
     rows = w.task.forward(w, batch)
-    if rows.empty:  # padding rows only: a zero loss keeps the collectives matched
-        loss = rows.student.sum() * 0.0
+    if rows.empty:  # padding rows only: a zero loss keeps the collectives matched (and reaches every trained module)
+        loss = (rows.student.sum() + rows.extra.get("added_loss", 0.0)) * 0.0
         return loss, loss.detach().new_zeros(len(TERMS))
     if w.objective is None:
         loss = F.cross_entropy(rows.student, rows.labels)

@@ -2,7 +2,9 @@
 block, on prompt/continuation records whose micro-batches are the student's own samples (lm.sgo
 replay: fresh in the first epoch, from each rank's buffer in the second); a run whose last worker is
 killed mid-training resumes to the uninterrupted run's losses and block (the buffers restored from
-the checkpoint), the exported student is a plain causal LM with the block saved beside it."""
+the checkpoint), the exported student is a plain causal LM with the block saved beside it. Under
+ZeRO-3 (teacher and student partitioned, the ranks generating together) the same job gives the same
+losses."""
 
 from __future__ import annotations
 
@@ -40,7 +42,16 @@ def final_state(raw: dict) -> dict:
     return json.loads((latest_checkpoint(Path(raw["run_dir"]) / "ray" / "sinkd") / STATE_FILE).read_text())
 
 
-def test_okd_and_sgo_zero2_two_workers_resume_exactly_after_a_killed_worker(local_ray, tmp_path, tiny_llama, wiki_path):
+@pytest.fixture(scope="module")
+def plain(local_ray, tmp_path_factory, tiny_llama, wiki_path):
+    """The uninterrupted ZeRO-2 run: (its raw config, its results)."""
+    from pipelines.recipes.job import run_job
+
+    raw = okd_job(tmp_path_factory.mktemp("plain"), tiny_llama, wiki_path)
+    return raw, run_job(checked_config(raw), show_progress=False)
+
+
+def test_okd_and_sgo_zero2_two_workers_resume_exactly_after_a_killed_worker(plain, tmp_path, tiny_llama, wiki_path):
     from transformers import AutoModelForCausalLM
 
     from pipelines.recipes.export import latest_checkpoint
@@ -53,8 +64,7 @@ def test_okd_and_sgo_zero2_two_workers_resume_exactly_after_a_killed_worker(loca
     draws = [batch_source(sgo, 0, epoch, micro, (2 * epoch + micro) / 4) for epoch in range(2) for micro in range(2)]
     assert draws == ["fresh", "fresh", "replay", "replay"]  # the resumed epoch trains on the restored buffers only
 
-    plain = okd_job(tmp_path / "plain", tiny_llama, wiki_path)
-    results = run_job(checked_config(plain), show_progress=False)
+    plain, results = plain
     killed = okd_job(tmp_path / "killed", tiny_llama, wiki_path, **{"debug.fail_at_step": 3})
     run_job(checked_config(killed), show_progress=False)
 
@@ -77,3 +87,22 @@ def test_okd_and_sgo_zero2_two_workers_resume_exactly_after_a_killed_worker(loca
     teacher = load_causal_lm(str(tiny_llama))  # the teacher on disk is untouched, and scored as it was
     assert results["models"]["teacher"]["test"]["top1_agreement"] == 1.0
     assert sum(p.numel() for p in teacher.parameters()) == results["models"]["sinkd"]["teacher_params"]
+
+
+def test_okd_and_sgo_under_zero3_give_the_zero2_losses_with_the_teacher_partitioned(plain, tmp_path, tiny_llama, wiki_path):
+    """Partitioning changes where the weights live, not the math: the student's samples (each forward of
+    `generate` gathers its weights from both ranks), the adapted teacher's rows through the partitioned
+    teacher, the block's gradient through its layers above, and so the losses, match the ZeRO-2 run."""
+    from pipelines.recipes.job import run_job
+
+    raw, zero2 = plain
+    zero3 = okd_job(tmp_path, tiny_llama, wiki_path, **{"train.zero_stage": 3})
+    results = run_job(checked_config(zero3), show_progress=False)
+    a, b = final_state(raw), final_state(zero3)
+    assert [s for s, _ in b["loss_log"]] == [1, 2, 3, 4]
+    assert [x for _, x in b["loss_log"]] == pytest.approx([x for _, x in a["loss_log"]], rel=1e-4)
+    sinkd = {stage: run["models"]["sinkd"] for stage, run in ((2, zero2), (3, results))}
+    assert sinkd[2]["teacher_params_on_rank"] == sinkd[2]["teacher_params"]  # ZeRO-2: the whole teacher on each rank
+    assert 0 < sinkd[3]["teacher_params_on_rank"] <= sinkd[3]["teacher_params"] / 2 + 1024  # ZeRO-3: about half
+    block = {stage: torch.load(Path(run["path"]) / "online.pt") for stage, run in sinkd.items()}
+    assert all(torch.allclose(block[2][k], block[3][k], rtol=1e-4, atol=1e-6) for k in block[2])

@@ -17,7 +17,7 @@ from pipelines.tasks import checked_config, get_task
 from pipelines.tasks.causal_lm.data import IGNORE
 from pipelines.tasks.causal_lm.models import CausalLM, load_causal_lm
 from pipelines.tasks.causal_lm.sgo import (BUFFER, FRESH, REPLAY, batch_source, generated_batch, prompt_lengths,
-                                           push_rows, replayed_batch, sample_continuations)
+                                           push_rows, replayable, replayed_batch, sample_continuations)
 from pipelines.tasks.common import student_from_teacher_layers
 
 
@@ -109,13 +109,41 @@ def test_generated_batch_keeps_the_prompts_labels_only_the_new_tokens_and_leaves
     assert narrow["input_ids"].shape == (2, 5) and narrow["labels"][0].tolist() == [IGNORE] * 4 + new[0, :1].tolist()
 
 
+def test_under_zero3_a_batch_without_prompts_still_generates_and_replay_waits_for_every_rank(student, monkeypatch):
+    """ZeRO-3 over several ranks gathers the student's weights at every generated token: a rank whose
+    micro-batch holds padding rows only must run `generate` too (synced: on one placeholder token,
+    the batch returned as it was), and a buffer replays only when every rank's has rows."""
+    calls = []
+    real_generate = type(student).generate
+
+    def counted(self, *args, **kwargs):
+        calls.append((kwargs["input_ids"].tolist(), kwargs["synced_gpus"]))
+        return real_generate(self, *args, **{**kwargs, "synced_gpus": False})  # no process group here
+
+    monkeypatch.setattr(type(student), "generate", counted)
+    padding = {k: v[2:] for k, v in prompt_batch().items()}  # the padding row alone
+    assert generated_batch(student, padding, 2, sgo(max_new_tokens=2)) is padding and calls == []  # alone: no need
+    assert generated_batch(student, padding, 2, sgo(max_new_tokens=2), synced=True) is padding
+    assert calls == [([[2]], True)]
+    generated_batch(student, prompt_batch(), 2, sgo(max_new_tokens=2), synced=True)
+    assert calls[1][1] is True and len(calls[1][0]) == 2  # the two prompts, synced
+
+    def ranks(empty_elsewhere: int):  # all_sum adds this rank's "empty" flag to the other ranks' count
+        return SimpleNamespace(all_sum=lambda v: [v[0] + empty_elsewhere])
+
+    assert replayable(ranks(1), [[1], [2]], synced=False)  # alone, its own buffer decides
+    assert not replayable(ranks(1), [[1], [2]], synced=True)  # another rank's buffer is still empty
+    assert replayable(ranks(0), [[1], [2]], synced=True)
+    assert not replayable(ranks(0), [], synced=True) and not replayable(ranks(0), [], synced=False)
+
+
 def worker(tiny_llama, student, **sgo_over):
     cfg = Config.from_dict({"task_type": "causal_lm", "run_dir": "/tmp/unused", "data": {"files": {"train": "x.jsonl"}},
                             "teacher": {"path": str(tiny_llama)}, "lm": {"format": "prompt_response",
                             "sgo": {"mode": "mixed", "fraction": 1.0, "max_new_tokens": 3, "temperature": 0.0, **sgo_over}}})
     teacher = CausalLM(load_causal_lm(str(tiny_llama)).eval())
     return SimpleNamespace(cfg=cfg, teacher=teacher, device=torch.device("cpu"), engine=EngineLike(CausalLM(student)),
-                           stage=SimpleNamespace(objective={"alpha": 1.0}, train=SimpleNamespace(epochs=1)),
+                           stage=SimpleNamespace(objective={"alpha": 1.0}, train=SimpleNamespace(epochs=1, zero_stage=2)), world=1,
                            meta=SimpleNamespace(pad_token_id=2, batches_per_epoch=100), position=(0, 0), rank=0, task_state={})
 
 
@@ -178,7 +206,6 @@ def test_a_sound_sgo_job_checks(tiny_llama, wiki_path):
     ({"lm.cache.enabled": True}, r"^lm\.sgo\.mode: student-generated batches are scored by a live teacher"),
     ({"lm.sgo.top_p": 0.0}, r"^lm\.sgo\.temperature / top_p / top_k: need"),
     ({"lm.sgo.temperature": -1.0}, r"^lm\.sgo\.temperature / top_p / top_k: need"),
-    ({"train.zero_stage": 3}, r"^lm\.sgo\.mode: not supported with train\.zero_stage 3"),
     ({"lm.sgo.mode": None, "lm.sgo.fraction": 0.2}, r"^lm\.sgo: its settings are used only with lm\.sgo\.mode: mixed or replay$"),
     ({"lm.sgo.mode": "on_policy"}, r"lm\.sgo\.mode"),
     ({"lm.sgo.mode": "replay", "lm.sgo.replay_capacity": 0}, r"^lm\.sgo\.replay_capacity: must be > 0, got 0$"),

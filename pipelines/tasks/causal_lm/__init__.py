@@ -28,7 +28,10 @@ def online_rows(w: WorkerContext, inputs: dict, logits: torch.Tensor, labels: to
     from sinkd.online import module_loss
 
     o = w.cfg.teacher.online
-    adapted = w.teacher(**inputs, adapter=block, layer=-1 if o.layer is None else o.layer)[:, :-1].float()
+    # A ZeRO-3 teacher is a DeepSpeed inference engine: call its module, which keeps ZeRO-3's gather
+    # hooks; the engine's own forward would hook the backward that runs through it, which is the student's.
+    teacher = getattr(w.teacher, "module", w.teacher)
+    adapted = teacher(**inputs, adapter=block, layer=-1 if o.layer is None else o.layer)[:, :-1].float()
     added = module_loss(adapted, logits, labels, o.ce_weight, o.student_weight, o.temperature, IGNORE)
     return Rows(logits, adapted.detach(), labels, extra={"added_loss": added})
 
@@ -137,6 +140,10 @@ class CausalLMTask:
         labels = batch["labels"][:, 1:].to(w.device)
         logits = w.engine(**inputs)[:, :-1].float()
         if not bool((labels != IGNORE).any()):
+            if w.teacher is not None and w.stage.train.zero_stage == 3 and w.world > 1:
+                # a partitioned teacher (and an OKD block) gathers its weights from every rank: this one joins
+                rows = live_teacher_rows(w, inputs, logits, labels)
+                return Rows(logits, rows.teacher, labels, empty=True, extra=rows.extra)
             return Rows(logits, None, labels, empty=True)
         if generated and not w.cfg.lm.sgo.ce_on_generated:  # KD and Sinkhorn on the sampled tokens, no CE on them
             return self_generated_rows(w, inputs, logits, labels)

@@ -6,10 +6,12 @@ one whose responses the student samples itself from the rows' prompts (Hugging F
 cache, temperature / top-p / top-k); the live teacher then scores those tokens like any other, and
 the objective's KD and Sinkhorn terms run on them (Agarwal et al., GKD, arXiv 2306.13649; TRL's
 `lmbda`). The coin is one draw of `numpy.random.default_rng((seed, epoch, micro))`, the same on
-every rank (ranks generate together, which ZeRO-3's gathers would need), and sampling uses the
-per-micro-batch torch seed the worker sets, so a resumed run generates exactly what the first did.
-Every prompt gets exactly `max_new_tokens` new tokens (the end token is suppressed): shapes depend
-on the prompts only.
+every rank, and sampling uses the per-micro-batch torch seed the worker sets, so a resumed run
+generates exactly what the first did. Every prompt gets exactly `max_new_tokens` new tokens (the end
+token is suppressed): shapes depend on the prompts only. Under ZeRO-3 every forward gathers the
+student's parameters from all ranks, so the ranks generate in lockstep: a rank with no prompt in its
+micro-batch (padding rows only) still runs `generate` on a placeholder, and whether a buffer has rows
+to replay is decided over all ranks.
 
 Replay (Ko et al., DistiLLM, arXiv 2402.03898, its released `finetune.py` with a fixed threshold):
 with tau = `fraction` and training progress t in [0, 1), a micro-batch is freshly generated with
@@ -82,9 +84,10 @@ def prompt_lengths(labels: torch.Tensor) -> torch.Tensor:
     return torch.where(labelled.any(dim=1), first, torch.zeros_like(first))
 
 
-def sample_continuations(model, prompts: list[list[int]], pad_id: int, sgo) -> torch.Tensor:
+def sample_continuations(model, prompts: list[list[int]], pad_id: int, sgo, synced: bool = False) -> torch.Tensor:
     """(n, sgo.max_new_tokens) tokens the model appends to each prompt: one batched `generate` over
-    the prompts left-padded (positions follow the attention mask), in eval mode, without grad."""
+    the prompts left-padded (positions follow the attention mask), in eval mode, without grad.
+    synced: the model is ZeRO-3-partitioned over several ranks (`generate(synced_gpus=True)`)."""
     from transformers import GenerationConfig
 
     width = max(len(p) for p in prompts)
@@ -103,23 +106,27 @@ def sample_continuations(model, prompts: list[list[int]], pad_id: int, sgo) -> t
     model.eval()
     try:
         with torch.no_grad():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                                 synced_gpus=synced)
     finally:
         model.train(was_training)
     return out[:, width:]
 
 
-def generated_batch(model, batch: dict, pad_id: int, sgo) -> dict:
+def generated_batch(model, batch: dict, pad_id: int, sgo, synced: bool = False) -> dict:
     """The micro-batch with each row's response replaced by the student's sample: prompt + new
     tokens (rebuilt_batch); labels -100 on the prompt, the new tokens after it.
     Rows without a prompt (padding rows, which have no labels, or a record with an empty prompt)
-    stay as they are; `ids` is kept (the epoch's id checksum)."""
+    stay as they are; `ids` is kept (the epoch's id checksum). synced (ZeRO-3 over several ranks):
+    a batch without prompts still runs `generate`, on one placeholder token, whose output is dropped."""
     ids, labels = batch["input_ids"], batch["labels"]
     lengths = prompt_lengths(labels).tolist()
     real = [i for i, n in enumerate(lengths) if n > 0]
     if not real:
+        if synced:  # the other ranks' generate gathers parameters from this one at every new token
+            sample_continuations(model, [[pad_id]], pad_id, sgo, synced=True)
         return batch
-    new = sample_continuations(model, [ids[i, :lengths[i]].tolist() for i in real], pad_id, sgo).cpu()
+    new = sample_continuations(model, [ids[i, :lengths[i]].tolist() for i in real], pad_id, sgo, synced).cpu()
     rows = {}
     for row, i in enumerate(real):
         prompt = ids[i, :lengths[i]]
@@ -138,10 +145,19 @@ def sgo_batch(w, batch: dict) -> tuple[dict, bool]:
     source = batch_source(sgo, w.cfg.seed, epoch, micro, (epoch * per_epoch + micro) / (per_epoch * w.stage.train.epochs))
     if source == DATA:
         return batch, False
+    synced = w.stage.train.zero_stage == 3 and w.world > 1  # ZeRO-3: the ranks generate together or not at all
     buffer = w.task_state.setdefault(BUFFER, []) if sgo.mode == "replay" else None
-    if source == REPLAY and buffer:  # an empty buffer (the first draws) samples afresh instead
+    if source == REPLAY and replayable(w, buffer, synced):  # an empty buffer (the first draws) samples afresh instead
         return replayed_batch(buffer, batch, w.meta.pad_token_id, np.random.default_rng((w.cfg.seed, epoch, micro, w.rank))), True
-    out = generated_batch(w.engine.module.model, batch, w.meta.pad_token_id, sgo)
+    out = generated_batch(w.engine.module.model, batch, w.meta.pad_token_id, sgo, synced)
     if buffer is not None:
         push_rows(buffer, out, sgo.replay_capacity)
     return out, True
+
+
+def replayable(w, buffer: list, synced: bool) -> bool:
+    """Whether this micro-batch replays buffered rows: the buffer has some, on every rank when the
+    ranks must generate together (a rank whose micro-batches held only padding rows has none)."""
+    if not synced:
+        return bool(buffer)
+    return w.all_sum([0.0 if buffer else 1.0])[0] == 0

@@ -69,6 +69,10 @@ class TeacherConfig:
 class StudentConfig:
     init: Literal["teacher_layers", "config", "pretrained"] = "teacher_layers"
     layers: Optional[list[int]] = None  # teacher_layers: which teacher layers to copy (PKD-style)
+    # teacher_layers, of a teacher the job fine-tunes: copy them from the fine-tuned teacher, or from
+    # teacher.path before fine-tuning (with a new task head: the student does not start as a slice of the
+    # fine-tuned teacher, which left a CE-only student level with it on the default job, RESULTS.md)
+    layers_from: Literal["finetuned", "pretrained"] = "finetuned"
     path: Optional[str] = None  # pretrained: a Hugging Face model directory
     tokenizer: Optional[str] = None  # cross_tokenizer: a directory holding the student's tokenizer (default: path)
     config: dict[str, Any] = field(default_factory=dict)  # config: overrides of the teacher's config

@@ -208,12 +208,16 @@ def check_same_tokenizer(teacher: Path, student: Path, teacher_gguf: str | None 
                           "teacher and student must share a vocabulary")
 
 
-def check_student_keys(cfg: Config, own_tokenizer: bool = False) -> None:
+def check_student_keys(cfg: Config, own_tokenizer: bool = False, fine_tunes_teacher: bool = False) -> None:
     """Keys of `student` the chosen init does not read are refused, not ignored. own_tokenizer: the
-    task lets the student bring another tokenizer than the teacher's (student.tokenizer)."""
+    task lets the student bring another tokenizer than the teacher's (student.tokenizer);
+    fine_tunes_teacher: the task may fine-tune its teacher first (student.layers_from reads that)."""
     s = cfg.student
     if s.init != "pretrained" and (s.path or s.config and s.init != "config"):
         raise ConfigError(f"student: path/config are not used with student.init: {s.init}")
+    if s.layers_from != "finetuned" and (s.init != "teacher_layers" or not fine_tunes_teacher):
+        raise ConfigError(f"student.layers_from: used only with student.init: teacher_layers, in a task that fine-tunes "
+                          f"its teacher (task_type classification); got init {s.init}, task_type {cfg.task_type}")
     if s.tokenizer and not own_tokenizer:
         raise ConfigError(f"student.tokenizer: task_type {cfg.task_type} distils into the teacher's tokenizer; "
                           "a student with its own tokenizer needs task_type: cross_tokenizer")

@@ -53,10 +53,25 @@ def param_groups(model, weight_decay: float) -> list[dict]:
             for (lr, no_decay), params in groups.items()]
 
 
-def student_engine(student, t: TrainConfig, ds_config: dict):
+def student_engine(student, t: TrainConfig, ds_config: dict, alone: bool = False):
+    """The student's DeepSpeed engine. alone: the only rank, on CPU (DeepSpeed's shared-memory
+    all-reduce op has no peer to serve: not compiled, see without_shm_comm_op)."""
     import deepspeed
 
+    if alone:
+        without_shm_comm_op()
     return deepspeed.initialize(model=student, model_parameters=param_groups(student, t.weight_decay), config=ds_config)[0]
+
+
+def without_shm_comm_op() -> None:
+    """Skip DeepSpeed's CPU shared-memory all-reduce op in this process. Its comm backend compiles the
+    op when it starts, peers or not: about 2 min on 2 cores, once per machine (the ~/.cache/torch_extensions
+    build), most of a fresh machine's first one-worker stage. DeepSpeed skips an op its probe marks
+    incompatible (`deepspeed.comm.torch.build_shm_op` reads `deepspeed.ops.__compatible_ops__`, a dict
+    the module keeps so that edits to it persist); a one-rank job all-reduces nothing."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def place_teacher(teacher, t: TrainConfig, ds_config: dict, device):

@@ -35,11 +35,14 @@ def ingest_config(num_workers: int):
 
 def shipped_inputs(cfg: Config, stage: Stage) -> tuple[Config, Stage]:
     """The config and stage with the model folders workers read (the stage's model, a pretrained
-    student, the student's own tokenizer) as references every node can fetch: uploaded to an
-    object-store ray.storage_path once."""
+    student, the student's own tokenizer, teacher.path when the student copies its layers) as
+    references every node can fetch: uploaded to an object-store ray.storage_path once."""
     student = dataclasses.replace(cfg.student, path=ship(cfg.student.path, cfg, "student.path"),
                                   tokenizer=ship(cfg.student.tokenizer, cfg, "student.tokenizer"))
-    return (dataclasses.replace(cfg, student=student),
+    teacher = cfg.teacher
+    if cfg.student.layers_from == "pretrained":
+        teacher = dataclasses.replace(teacher, path=ship(teacher.path, cfg, "teacher.path"))
+    return (dataclasses.replace(cfg, student=student, teacher=teacher),
             dataclasses.replace(stage, model_path=ship(stage.model_path, cfg)))
 
 

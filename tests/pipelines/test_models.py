@@ -79,3 +79,38 @@ def test_student_from_config_and_from_pretrained(tiny_bert, tmp_path):
     raw["student"] = {"init": "pretrained", "path": str(tmp_path / "small")}
     again = build_student(checked_config(raw), str(tiny_bert), "encoder", 2, ["neg", "pos"])
     assert all(torch.equal(a, b) for a, b in zip(small.state_dict().values(), again.state_dict().values()))
+
+
+def test_students_copy_layers_from_the_fine_tuned_teacher_or_from_teacher_path_before_fine_tuning(minilm, tmp_path):
+    """student.layers_from: finetuned (default) slices the teacher the job fine-tuned, head included;
+    pretrained slices teacher.path as it was (MiniLM has no task head: a new one, seeded)."""
+    from pipeline_helpers import tiny_job
+
+    from pipelines.config import ConfigError
+    from pipelines.tasks.classification.models import build_student
+
+    tuned = load_pretrained(minilm, "encoder", 2, ["neg", "pos"])
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.01)  # stands in for fine-tuning: every weight moved
+    tuned.save_pretrained(tmp_path / "tuned")
+    raw = tiny_job(tmp_path / "run", minilm, {"train": str(minilm / "config.json")}, **{
+        "data.format": "csv", "teacher.finetune": "always", "student.layers": [1, 4]})
+
+    def student(layers_from: str):
+        raw["student"]["layers_from"] = layers_from
+        torch.manual_seed(0)
+        return build_student(checked_config(raw), str(tmp_path / "tuned"), "encoder", 2, ["neg", "pos"]).state_dict()
+
+    pretrained = AutoModelForSequenceClassification.from_pretrained(minilm, num_labels=2).state_dict()
+    t, s = tuned.state_dict(), student("finetuned")
+    assert torch.equal(s["bert.encoder.layer.1.output.dense.weight"], t["bert.encoder.layer.4.output.dense.weight"])
+    assert torch.equal(s["classifier.weight"], t["classifier.weight"])
+    s, again = student("pretrained"), student("pretrained")
+    assert torch.equal(s["bert.encoder.layer.1.output.dense.weight"], pretrained["bert.encoder.layer.4.output.dense.weight"])
+    assert torch.equal(s["bert.embeddings.word_embeddings.weight"], pretrained["bert.embeddings.word_embeddings.weight"])
+    assert not torch.equal(s["classifier.weight"], t["classifier.weight"])  # a new head, not the fine-tuned one
+    assert torch.equal(s["classifier.weight"], again["classifier.weight"])  # the same on every rank under the seed
+    raw["student"] = {"init": "config", "config": {"num_hidden_layers": 1}, "layers_from": "pretrained"}
+    with pytest.raises(ConfigError, match=r"^student\.layers_from: used only with student\.init: teacher_layers"):
+        checked_config(raw)

@@ -49,3 +49,22 @@ def test_startup_clock_reports_each_phase_once_reached_from_the_fit_call():
     clock.marks.update(first_batch=111.5, first_step=114.25)
     assert clock.report() == {"startup_entered_s": 3.0, "startup_setup_s": 10.0, "startup_first_batch_s": 11.5,
                               "startup_first_step_s": 14.25}
+
+
+def test_a_lone_cpu_rank_does_not_compile_deepspeeds_shared_memory_op(monkeypatch):
+    """DeepSpeed's CPU comm backend compiles its shm all-reduce op when it starts (minutes on a fresh
+    machine); a one-rank CPU stage marks it incompatible first, so build_shm_op never loads it."""
+    import importlib
+
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    from pipelines.train.engine import without_shm_comm_op
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # `deepspeed.comm.torch` the attribute is torch itself
+    builder = type(get_accelerator().create_op_builder("ShareMemCommBuilder"))
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, builder.NAME, True)  # buildable here; restored after
+    monkeypatch.setattr(builder, "load", lambda self, *args, **kwargs: "compiled op")  # no compiler run
+    assert ds_torch.build_shm_op() == "compiled op"
+    without_shm_comm_op()
+    assert ds_torch.build_shm_op() is None

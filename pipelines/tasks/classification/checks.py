@@ -74,6 +74,6 @@ def check_models(cfg: Config) -> None:
         if vocab != t_conf.get("vocab_size"):
             raise ConfigError(f"student.config.vocab_size: {vocab} differs from the teacher's {t_conf.get('vocab_size')}; "
                               "they must share a tokenizer")
-    check_student_keys(cfg)
+    check_student_keys(cfg, fine_tunes_teacher=True)
     check_no_online_teacher(cfg)
 

@@ -98,9 +98,10 @@ def build_student(cfg: Config, teacher_path: str, kind: str, num_labels: int, la
     s = cfg.student
     if s.init == "pretrained":
         return load_pretrained(s.path, kind, num_labels, label_names)
+    if s.init == "teacher_layers":  # layers_from pretrained: teacher.path before fine-tuning (its head, or a new one)
+        source = cfg.teacher.path if s.layers_from == "pretrained" else teacher_path
+        return student_from_teacher_layers(load_pretrained(source, kind, num_labels, label_names), s.layers)
     teacher = load_pretrained(teacher_path, kind, num_labels, label_names)
-    if s.init == "teacher_layers":
-        return student_from_teacher_layers(teacher, s.layers)
     conf = AutoConfig.from_pretrained(teacher_path)
     conf.update({**s.config})
     if kind == "encoder":

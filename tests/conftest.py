@@ -36,9 +36,10 @@ RAY_FIXTURES = {"ray_session", "local_ray", "zero2", "live_zero2"}  # fixtures t
 # The longest test files, longest first (seconds per file under `-n 2`, benchmarks/RESULTS.md "Two test files
 # at a time"). pytest-xdist hands files out in collection order (with --no-loadscope-reorder): starting
 # these first keeps a single long file from running alone at the end while the other worker idles.
+# (test_online_teacher_ray: 236 s there, plus its ZeRO-3 run since, about 100 s: placed by estimate.)
 LONGEST_FIRST = ("tests/pipelines/test_e2e.py", "tests/cluster/test_isolated_node.py", "tests/pipelines/test_compare.py",
-                 "tests/llm/test_llm_ray.py", "tests/pipelines/test_tune_e2e.py", "tests/pipelines/test_run_output.py",
-                 "tests/llm/test_cross_tokenizer_ray.py", "tests/llm/test_online_teacher_ray.py",
+                 "tests/llm/test_llm_ray.py", "tests/llm/test_online_teacher_ray.py", "tests/pipelines/test_tune_e2e.py",
+                 "tests/pipelines/test_run_output.py", "tests/llm/test_cross_tokenizer_ray.py",
                  "tests/llm/test_prompt_response_ray.py")
 
 

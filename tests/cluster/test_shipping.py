@@ -88,3 +88,23 @@ def test_an_upload_without_its_manifest_is_never_read(s3, model, node):
 def test_an_unwritable_bucket_names_the_key(s3, model):
     with pytest.raises(ConfigError, match=r"^student.path: cannot upload .*teacher to s3://no-such-bucket/run/shipped/"):
         shipping.ship(str(model), _cfg(s3.uri("run", bucket="no-such-bucket")), "student.path")
+
+
+def test_a_stage_ships_teacher_path_only_when_the_student_copies_its_pretrained_layers(s3, model, tmp_path):
+    """shipped_inputs: the stage's model always, teacher.path (before fine-tuning) only with
+    student.layers_from: pretrained, where the workers build the student from it."""
+    from pipelines.tasks.protocol import Stage
+    from pipelines.train.fit import shipped_inputs
+
+    cfg = _cfg(s3.uri("run"))
+    cfg.teacher.path = str(model)
+    tuned = tmp_path / "driver" / "tuned"
+    tuned.mkdir()
+    (tuned / "config.json").write_text('{"model_type": "bert"}')
+    stage = Stage(name="sinkd", model_path=str(tuned), objective={}, train=cfg.train)
+    shipped_cfg, shipped_stage = shipped_inputs(cfg, stage)
+    assert shipped_stage.model_path.startswith(f"s3://{BUCKET}/run/shipped/tuned-")
+    assert shipped_cfg.teacher.path == str(model)  # not read by the workers: not uploaded
+    cfg.student.layers_from = "pretrained"
+    shipped_cfg, _ = shipped_inputs(cfg, stage)
+    assert shipped_cfg.teacher.path.startswith(f"s3://{BUCKET}/run/shipped/teacher-") and cfg.teacher.path == str(model)

@@ -147,9 +147,8 @@ def setup(payload: dict) -> Worker:
     cfg = Config.from_dict(payload["config"])  # checked on the driver; typing only here
     stage = Stage(**{**payload["stage"], "train": build_dataclass(TrainConfig, payload["stage"]["train"], "")})
     stage.model_path, cfg.student.path = fetch(stage.model_path), fetch(cfg.student.path)  # node-local copies
-    cfg.student.tokenizer = fetch(cfg.student.tokenizer)
-    if cfg.student.layers_from == "pretrained":  # the student copies layers of teacher.path (shipped_inputs)
-        cfg.teacher.path = fetch(cfg.teacher.path)
+    # teacher.path is shipped when the student copies its layers (shipped_inputs); a local path stays as it is
+    cfg.student.tokenizer, cfg.teacher.path = fetch(cfg.student.tokenizer), fetch(cfg.teacher.path)
     meta, t = StageMeta(**payload["meta"]), stage.train
     ctx = ray.train.get_context()
     ds_config = deepspeed_config(t, meta.steps_per_epoch * t.epochs, cfg.scaling.use_gpu)

@@ -15,7 +15,7 @@ from ..protocol import Prepared, Rows, Stage, StageMeta, WorkerContext
 from .checks import check_causal_lm, check_lm_models
 from .data import IGNORE, PROMPT_FORMATS, LMCollate, lm_to_ray, load_lm_task
 from .metrics import METRICS, cached_teacher, evaluate_lm, metrics_for, model_inputs, validate
-from .models import CausalLM, build_student, build_teacher, hf_teacher_dir
+from .models import CausalLM, build_student, build_teacher, hf_teacher_dir, in_lockstep
 from .sgo import sgo_batch
 
 KIND = "causal_lm"
@@ -140,7 +140,7 @@ class CausalLMTask:
         labels = batch["labels"][:, 1:].to(w.device)
         logits = w.engine(**inputs)[:, :-1].float()
         if not bool((labels != IGNORE).any()):
-            if w.teacher is not None and w.stage.train.zero_stage == 3 and w.world > 1:
+            if w.teacher is not None and in_lockstep(w):
                 # a partitioned teacher (and an OKD block) gathers its weights from every rank: this one joins
                 rows = live_teacher_rows(w, inputs, logits, labels)
                 return Rows(logits, rows.teacher, labels, empty=True, extra=rows.extra)

@@ -53,6 +53,12 @@ def adapted_output(adapter: nn.Module):
     return hook
 
 
+def in_lockstep(w) -> bool:
+    """Whether a worker's ranks must run the same forwards (ZeRO-3 over several ranks: each forward of the
+    student or of the partitioned teacher gathers weights from every rank)."""
+    return w.stage.train.zero_stage == 3 and w.world > 1
+
+
 # ----------------------------------------------------------------------------- teacher and students
 
 

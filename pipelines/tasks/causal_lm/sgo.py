@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .data import IGNORE
+from .models import in_lockstep
 
 
 FRESH, REPLAY, DATA = "fresh", "replay", "data"
@@ -145,7 +146,7 @@ def sgo_batch(w, batch: dict) -> tuple[dict, bool]:
     source = batch_source(sgo, w.cfg.seed, epoch, micro, (epoch * per_epoch + micro) / (per_epoch * w.stage.train.epochs))
     if source == DATA:
         return batch, False
-    synced = w.stage.train.zero_stage == 3 and w.world > 1  # ZeRO-3: the ranks generate together or not at all
+    synced = in_lockstep(w)  # ZeRO-3: the ranks generate together or not at all
     buffer = w.task_state.setdefault(BUFFER, []) if sgo.mode == "replay" else None
     if source == REPLAY and replayable(w, buffer, synced):  # an empty buffer (the first draws) samples afresh instead
         return replayed_batch(buffer, batch, w.meta.pad_token_id, np.random.default_rng((w.cfg.seed, epoch, micro, w.rank))), True

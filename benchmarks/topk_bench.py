@@ -14,6 +14,8 @@ the student logits. Reported per k: time, relative error of the loss value and o
     python benchmarks/topk_bench.py --device cuda --cache runs/smollm2_logits.pt
     python benchmarks/topk_bench.py --cache runs/smollm2_logits.pt --tokens 256 --temperatures 1,2 --tails bucket,lognormal
                                                             # issue 13: both tail models at T = 1 and 2
+    python benchmarks/topk_bench.py --cache runs/smollm2_logits.pt --tokens 256 --temperatures 1,2 --tails lognormal \
+        --diagonals model,exact                             # the aligned pairs over the full vocabulary (topk_diagonal)
 
 --temperatures and --tails add the SinkhornConfig fields temperature and topk_tail (the preset's
 T = 2 and the rest bucket by default); the full-vocabulary reference runs once per temperature.
@@ -141,10 +143,11 @@ def compare(zs, zt, ks=KS, repeats=2, **config_overrides):
     return rows
 
 
-def compare_tails(zs, zt, ks=KS, repeats=2, temperature=2.0, tails=("bucket",), t1_cache=False):
-    """As `compare` at one temperature for each top-k tail model, the full-vocabulary run shared. The
-    teacher: topk=k of the dense teacher (its top-k at T); with t1_cache also, at T != 1, a logit
-    cache built at T = 1 (TopKDistribution.from_logits) that the loss re-tempers (rest spread evenly)."""
+def compare_tails(zs, zt, ks=KS, repeats=2, temperature=2.0, tails=("bucket",), t1_cache=False, diagonals=("model",)):
+    """As `compare` at one temperature for each top-k tail model (and each `topk_diagonal`), the
+    full-vocabulary run shared. The teacher: topk=k of the dense teacher (its top-k at T); with t1_cache
+    also, at T != 1, a logit cache built at T = 1 (TopKDistribution.from_logits) that the loss re-tempers
+    (rest spread evenly)."""
     config = sinkd.SinkhornConfig.paper(temperature=temperature)
     full_t, full_v, full_g = loss_and_grad(zs, zt, config, repeats)
     pt = torch.softmax(zt / temperature, dim=-1)
@@ -152,10 +155,13 @@ def compare_tails(zs, zt, ks=KS, repeats=2, temperature=2.0, tails=("bucket",), 
              "rel_err_grad": 0.0, "teacher_mass": 1.0}]
     for tail in tails:
         for k in ks:
-            t, v, g = loss_and_grad(zs, zt, sinkd.SinkhornConfig.paper(temperature=temperature, topk=k, topk_tail=tail), repeats)
             mass = float(pt.topk(k, dim=-1).values.sum(-1).mean())
-            rows.append({"T": temperature, "tail": tail, "k": k, "ms": t * 1e3, "loss": v, "rel_err_loss": abs(v - full_v) / abs(full_v),
-                         "rel_err_grad": float((g - full_g).norm() / full_g.norm()), "speedup": full_t / t, "teacher_mass": mass})
+            for diagonal in diagonals:
+                config = sinkd.SinkhornConfig.paper(temperature=temperature, topk=k, topk_tail=tail, topk_diagonal=diagonal)
+                t, v, g = loss_and_grad(zs, zt, config, repeats)
+                name = tail if diagonal == "model" else f"{tail}, exact diagonal"
+                rows.append({"T": temperature, "tail": name, "k": k, "ms": t * 1e3, "loss": v, "rel_err_loss": abs(v - full_v) / abs(full_v),
+                             "rel_err_grad": float((g - full_g).norm() / full_g.norm()), "speedup": full_t / t, "teacher_mass": mass})
             if t1_cache and temperature != 1.0:
                 cached = sinkd.TopKDistribution.from_logits(zt, k)
                 t, v, g = loss_and_grad(zs, cached, sinkd.SinkhornConfig.paper(temperature=temperature, topk_tail=tail), repeats)
@@ -291,6 +297,8 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, help="use the first N rows of the teacher logits (default: all)")
     ap.add_argument("--temperatures", type=lambda s: [float(x) for x in s.split(",")], help="e.g. 1,2 (default: the preset's 2)")
     ap.add_argument("--tails", type=lambda s: s.split(","), help="top-k tail models, e.g. bucket,lognormal (default: bucket)")
+    ap.add_argument("--diagonals", type=lambda s: s.split(","), default=["model"],
+                    help="topk_diagonal values to run per tail, e.g. model,exact (default: model)")
     ap.add_argument("--t1-cache", action="store_true", help="also a T=1 logit-cache teacher re-tempered at each T != 1")
     ap.add_argument("--tail-floor", type=int, metavar="ROWS",
                     help="only the plan-fixed tail-sign comparison (tail_sign_floor) on the first ROWS tokens, per T and k")
@@ -325,7 +333,8 @@ def main(argv=None):
         out.write_text(json.dumps({"command": command, "info": info, "rows_used": args.tail_floor, "floors": floors}, indent=1) + "\n")
         return
     if args.temperatures or args.tails:
-        rows = [r for t in (args.temperatures or [2.0]) for r in compare_tails(zs, zt, args.ks, args.repeats, t, args.tails or ["bucket"], args.t1_cache)]
+        rows = [r for t in (args.temperatures or [2.0]) for r in compare_tails(zs, zt, args.ks, args.repeats, t, args.tails or ["bucket"], args.t1_cache,
+                                                 args.diagonals)]
     else:
         rows = compare(zs, zt, args.ks, args.repeats)
     command = "python benchmarks/topk_bench.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ._checks import (
     at_least_float32,
@@ -40,6 +41,7 @@ from .topk import (
 MODES = ("batch", "sample")
 NORMALIZATIONS = ("uniform", "plain")
 SAMPLE_MODE_MAX_ELEMENTS = 1 << 26  # N * V * V entries of sample-wise plans
+TOPK_DIAGONALS = ("model", "exact")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,13 @@ class SinkhornConfig:
       "lognormal" gives each tail token the expected sign of p_s - p_t instead of the bucket's
       one sign: the gradient within 1.2% of the full vocabulary's at k=256, T=1 on SmolLM2
       (benchmarks/RESULTS.md, issue 13), where the bucket is 5-7% off.
+    - ``topk_diagonal`` ("model" or "exact", default "model"): with ``topk`` on a dense teacher,
+      "exact" computes the aligned pairs' cost C[i, i] (student row i against teacher row i, the
+      same token) over the whole vocabulary, O(N V), and keeps the sparse cost off the diagonal.
+      Most of the plan sits on those pairs, so this is where the tail's unknown per-token signs
+      weigh most: on SmolLM2 with the lognormal tail the gradient error goes from 11.8% to 8.1%
+      (k=256, T=2) and from 6.6% to 4.1% (k=1024, T=2) (benchmarks/RESULTS.md, issue 13). Needs
+      ``topk``; a top-k teacher (logit cache) has no tail to read and is refused.
 
     Errors are one line that starts with the field's name, e.g. ``eps must be a finite number > 0,
     got 0`` (``ObjectiveConfig.from_dict`` prefixes them with ``sinkhorn.``).
@@ -107,6 +116,7 @@ class SinkhornConfig:
     slice_elements: int | None = None  # solver: problems with more cost entries iterate slice by slice
     topk: int | None = None  # sparse vocabulary: compare each pair on its top-k tokens plus a rest bucket
     topk_tail: str = "bucket"  # the top-k cost's model of the teacher's unknown tail: "bucket" or "lognormal"
+    topk_diagonal: str = "model"  # "exact": the aligned pairs' cost over the full vocabulary (dense teacher + topk)
 
     def __post_init__(self):
         # Numbers of any real type (Python, numpy, 0-d tensors) are checked and stored as Python floats / ints.
@@ -132,6 +142,9 @@ class SinkhornConfig:
         if self.slice_elements is not None:
             self._set("slice_elements", check_int_at_least("slice_elements", self.slice_elements, 1))
         check_choice("topk_tail", self.topk_tail, TOPK_TAILS)
+        check_choice("topk_diagonal", self.topk_diagonal, TOPK_DIAGONALS)
+        if self.topk_diagonal == "exact" and self.topk is None:
+            raise ValueError("topk_diagonal: 'exact' corrects the sparse cost's diagonal; set topk too")
         if self.topk is not None:
             self._set("topk", check_int_at_least("topk", self.topk, 1))
             if self.cost != "l1" or self.mode != "batch":
@@ -275,6 +288,9 @@ def sinkhorn_loss(
         if config.mode != "batch" or config.cost != "l1":
             raise ValueError("teacher_logits: a top-k teacher (logit cache) works with cost 'l1' in mode 'batch' only, "
                              f"got cost {config.cost!r}, mode {config.mode!r}")
+        if config.topk_diagonal == "exact":
+            raise ValueError("topk_diagonal: 'exact' needs dense teacher logits; a top-k teacher (logit cache) holds "
+                             "no tail to compute the aligned pairs from (use 'model')")
     else:
         check_logits(student_logits, teacher_logits)
     flat_mask = check_mask(mask, student_logits.shape[:-1])
@@ -342,6 +358,8 @@ def _block_loss(xs: torch.Tensor, xt, config: SinkhornConfig, from_logits: bool 
     elif config.topk is not None:
         cost = torch.stack([topk_l1_cost(s, TopKDistribution.from_probs(t, config.topk), config.topk, tail=config.topk_tail)
                             for s, t in zip(xs, xt)])
+        if config.topk_diagonal == "exact":
+            cost = with_exact_diagonal(cost, xs, xt)
     else:
         l1_options = {"impl": config.l1_impl, "tile_elements": config.l1_tile_elements} if config.cost == "l1" else {}
         cost = cost_matrix(xs, xt, config.cost, **l1_options)
@@ -351,6 +369,22 @@ def _block_loss(xs: torch.Tensor, xt, config: SinkhornConfig, from_logits: bool 
     result = sinkhorn(cost, config.eps, a=ones, b=ones, **config._solver_options())
     # The reported loss is what the grad mode differentiates: the regularised value under "envelope".
     return (result.value if config.grad == "envelope" else result.cost).sum()
+
+
+def _aligned_l1(xs: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+    return (xs - xt).abs().sum(-1)
+
+
+def with_exact_diagonal(cost: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+    r"""``cost`` (B, G, G) with its diagonal replaced by the full-vocabulary L1 of the aligned rows.
+
+    :math:`C_{ii} = \sum_v |p^s_{iv} - p^t_{iv}|` for xs, xt (B, G, V); off the diagonal ``cost`` is kept.
+    The gradient reaching ``cost``'s own diagonal is exactly zero (it is added and subtracted), so the
+    aligned pairs' gradient is the full vocabulary's, sign by sign. Checkpointed: O(B G V) work and
+    one (B, G, V) temporary, recomputed in the backward instead of stored.
+    """
+    exact = checkpoint(_aligned_l1, xs, xt, use_reentrant=False) if torch.is_grad_enabled() else _aligned_l1(xs, xt)
+    return cost + torch.diag_embed(exact - cost.diagonal(dim1=-2, dim2=-1))
 
 
 def _sample_wise(zs: torch.Tensor, zt: torch.Tensor, config: SinkhornConfig) -> torch.Tensor:

@@ -244,7 +244,8 @@ def test_every_config_field_is_accounted_for():
     import dataclasses
 
     routed = set(SOLVER_FIELDS) | {"grad", "l1_tile_elements"}  # spied above
-    behavioural = {"cost", "temperature", "normalization", "mode", "group_size", "l1_impl", "topk", "topk_tail"}  # tested by value
+    behavioural = {"cost", "temperature", "normalization", "mode", "group_size", "l1_impl", "topk", "topk_tail",
+                   "topk_diagonal"}  # tested by value
     assert {f.name for f in dataclasses.fields(SinkhornConfig)} == routed | behavioural
 
 

@@ -2,7 +2,9 @@
 export -> evaluation: a tiny Llama teacher speaking SmolLM2's BPE, students speaking MiniLM's
 WordPiece (teacher layers with a transplanted embedding), trained with MultiLevelOT, DSKD-CMA and CE
 alone (ULD takes MultiLevelOT's path with another loss: its terms are tested without Ray); bits per
-byte of every model recomputed here in plain PyTorch from the texts."""
+byte of every model recomputed here in plain PyTorch from the texts. The DSKD stage again under
+ZeRO-3 (teacher, student and projectors partitioned), its last worker killed after the first step:
+it resumes to the ZeRO-2 stage's losses and projectors."""
 
 from __future__ import annotations
 
@@ -45,16 +47,23 @@ def loss_log(run_dir: Path, stage: str) -> list[float]:
     return [loss for _, loss in state["loss_log"]]
 
 
-def test_cross_tokenizer_job_two_workers_zero2_export_and_bits_per_byte(local_ray, tmp_path, tiny_llama, wiki_path, capsys):
+@pytest.fixture(scope="module")
+def zero2(local_ray, tmp_path_factory, tiny_llama, wiki_path):
+    """The ZeRO-2 job of three students (MultiLevelOT, DSKD-CMA, CE): (its raw config, its results)."""
+    from pipelines.recipes.job import run_job
+
+    raw = cross_job(tmp_path_factory.mktemp("zero2"), tiny_llama, wiki_path, name="mlot",
+                    baselines={"dskd": {"method": "dskd"}, "ce": {"method": "ce"}})
+    return raw, run_job(checked_config(raw), show_progress=False)
+
+
+def test_cross_tokenizer_job_two_workers_zero2_export_and_bits_per_byte(zero2, tmp_path, tiny_llama, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipelines.cli import main
-    from pipelines.recipes.job import run_job
 
-    raw = cross_job(tmp_path, tiny_llama, wiki_path, name="mlot",
-                    baselines={"dskd": {"method": "dskd"}, "ce": {"method": "ce"}})
+    raw, results = zero2
     cfg = checked_config(raw)
-    results = run_job(cfg, show_progress=False)
     run_dir = Path(raw["run_dir"])
     test = get_task(cfg.task_type).prepare(checked_config(raw)).data.splits["test"].to_pylist()
     texts = [r["text"] for r in test]
@@ -88,3 +97,28 @@ def test_cross_tokenizer_job_two_workers_zero2_export_and_bits_per_byte(local_ra
     assert main(["eval", str(tmp_path / "job.yaml"), "--model", results["models"]["mlot"]["path"]]) == 0
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[results["models"]["mlot"]["path"]]
     assert scores["bits_per_byte"] == pytest.approx(results["models"]["mlot"]["test"]["bits_per_byte"], rel=1e-6)
+
+
+def test_dskd_under_zero3_killed_and_resumed_gives_the_zero2_losses_and_projectors(zero2, tmp_path, tiny_llama, wiki_path):
+    """Partitioning and a restart change where the weights live and when, not the math: DSKD's
+    embeddings and heads gathered whole (whole_weights), the projectors partitioned inside the
+    student's engine and restored from the checkpoint, the teacher behind its inference engine."""
+    from pipelines.recipes.job import run_job
+
+    raw, results = zero2
+    zero3 = cross_job(tmp_path, tiny_llama, wiki_path, name="dskd", objective={"method": "dskd"},
+                      **{"train.zero_stage": 3, "train.checkpoint_every_steps": 1, "debug.fail_at_step": 2})
+    killed = run_job(checked_config(zero3), show_progress=False)
+    from pipelines.recipes.export import latest_checkpoint
+    from pipelines.train.files import STATE_FILE
+
+    state = json.loads((latest_checkpoint(Path(zero3["run_dir"]) / "ray" / "dskd") / STATE_FILE).read_text())
+    assert state["resumed_from"] == [1]
+    assert [s for s, _ in state["loss_log"]] == [1, 2]
+    assert [x for _, x in state["loss_log"]] == pytest.approx(loss_log(Path(raw["run_dir"]), "dskd"), rel=1e-4)
+    assert 0 < killed["models"]["dskd"]["teacher_params_on_rank"] <= killed["models"]["dskd"]["teacher_params"] / 2 + 1024
+    a = torch.load(Path(results["models"]["dskd"]["path"]) / "projectors.pt")
+    b = torch.load(Path(killed["models"]["dskd"]["path"]) / "projectors.pt")
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    assert killed["models"]["dskd"]["test"]["bits_per_byte"] == pytest.approx(results["models"]["dskd"]["test"]["bits_per_byte"],
+                                                                              rel=1e-4)

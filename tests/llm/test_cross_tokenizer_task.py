@@ -304,10 +304,49 @@ def test_projectors_get_their_own_parameter_group_and_the_schedule_peaks_at_each
             assert lrs == pytest.approx([1e-3, 1e-3, 0.01, 0.01])
 
 
-def test_dskd_under_zero3_is_refused(tmp_path, tiny_llama, wiki_path):
-    raw = cross_job(tmp_path, tiny_llama, wiki_path, **{"train.zero_stage": 3, "baselines": {"dskd": {"method": "dskd"}}})
-    with pytest.raises(ConfigError, match=r"^baselines.dskd.method: dskd reads the teacher's embedding and LM head whole"):
-        checked_config(raw)
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_a_padding_only_dskd_micro_batch_joins_the_other_ranks_under_zero3(zero_stage):
+    """ZeRO-3 over 2 ranks gathers the teacher's weights in its forward, DSKD's embeddings and heads
+    (whole_weights) and its projectors from every rank: a rank whose micro-batch holds padding rows
+    only still runs all of them, and its zero loss reaches every projector (so their gradient
+    reduction has this rank too). Below ZeRO-3 it skips the teacher."""
+    from types import SimpleNamespace
+
+    from llm_helpers import EngineLike
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipelines.tasks import get_task
+    from pipelines.tasks.cross_tokenizer.data import PairCollate, pad_pairs
+    from pipelines.tasks.cross_tokenizer.dskd import CMAProjectors
+    from pipelines.tasks.cross_tokenizer.models import PairLM
+    from pipelines.train.worker import step_loss
+
+    def llama(vocab, width):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=2))
+
+    table = pa.table({"id": pa.array([0], pa.int64()), "text": ["ab"], "text_bytes": pa.array([2], pa.int64()),
+                      "t_input_ids": pa.array([[1, 5, 6]], pa.list_(pa.int32())), "t_bytes": pa.array([2], pa.int64()),
+                      "s_input_ids": pa.array([[3, 8, 9, 4]], pa.list_(pa.int32())), "s_bytes": pa.array([2], pa.int64())})
+    batch = PairCollate()(pad_pairs(table, 3).slice(1))  # two padding rows, nothing real
+    assert batch["ids"].tolist() == [-1, -1]
+    task = get_task("cross_tokenizer")
+    teacher = PairLM(llama(40, 24)).eval()
+    seen = []
+    teacher.register_forward_hook(lambda *_: seen.append(1))
+    w = SimpleNamespace(task=task, objective=task.objective({"method": "dskd"}), device=torch.device("cpu"), world=2,
+                        engine=EngineLike(PairLM(llama(30, 16), CMAProjectors(16, 24), 1e-3)), teacher=teacher,
+                        stage=SimpleNamespace(train=SimpleNamespace(zero_stage=zero_stage)))
+    loss, terms = step_loss(w, batch)
+    loss.backward()
+    projectors = w.engine.module.projectors
+    assert loss.item() == 0.0 and not terms.any()
+    assert len(seen) == (1 if zero_stage == 3 else 0)
+    if zero_stage == 3:
+        assert all(p.grad is not None and not p.grad.any() for p in projectors.parameters())  # reached, with zeros
+    else:
+        assert all(p.grad is None for p in projectors.parameters())
 
 
 def test_the_shipped_config_and_its_tune_space_check(tmp_path):

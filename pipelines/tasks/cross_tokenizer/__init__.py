@@ -13,14 +13,14 @@ import torch
 from ...config import Config, model_config
 from ..causal_lm.data import IGNORE
 from ..causal_lm.metrics import metrics_for
-from ..causal_lm.models import build_teacher, hf_teacher_dir
+from ..causal_lm.models import build_teacher, hf_teacher_dir, in_lockstep
 from ..common import PAD_ID, epoch_shape, load_tokenizer
 from ..protocol import Prepared, Rows, Stage, StageMeta, WorkerContext
 from .checks import check_cross_tokenizer, student_tokenizer_dir
 from .data import PairCollate, load_cross_task, pairs_to_ray
-from .dskd import CMAProjectors, Side
+from .dskd import CMAProjectors, Side, dskd_cma_terms
 from .metrics import METRICS, evaluate_pairs, side_inputs, validate
-from .models import PairLM, build_student
+from .models import PairLM, build_student, whole_weights
 from .objective import CrossTokenizerObjective
 
 KIND = "causal_lm"  # what it exports: a plain Hugging Face causal LM with the student's tokenizer
@@ -28,10 +28,11 @@ KIND = "causal_lm"  # what it exports: a plain Hugging Face causal LM with the s
 
 def side_view(model, ids: torch.Tensor, logits: torch.Tensor, hidden: torch.Tensor, real: torch.Tensor,
               mask: torch.Tensor) -> Side:
-    """One model's rows of the real blocks as DSKD reads them: row t predicts token t + 1."""
+    """One model's rows of the real blocks as DSKD reads them: row t predicts token t + 1. The
+    embedding and head are read whole (gathered under ZeRO-3)."""
     ids = ids.to(logits.device)[real]
-    return Side(logits[real], hidden[:, :-1][real].float(), ids[:, :-1], ids[:, 1:], mask,
-                model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+    embedding, head = whole_weights(model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+    return Side(logits[real], hidden[:, :-1][real].float(), ids[:, :-1], ids[:, 1:], mask, embedding, head)
 
 
 class CrossTokenizerTask:
@@ -101,19 +102,24 @@ class CrossTokenizerTask:
         logits = (out[0] if hidden else out)[:, :-1].float()
         real = (batch["ids"] != PAD_ID).to(w.device)
         labels = batch["s_labels"][:, 1:].to(w.device)
-        if not bool(real.any()):
+        empty = not bool(real.any())
+        if empty and not in_lockstep(w):
             return Rows(logits, None, labels, empty=True)
         with torch.no_grad():  # every rank runs the teacher on its whole batch (ZeRO-3 gathers in step)
             t_out = w.teacher(**side_inputs(batch, "t", w.device), hidden=hidden)
         teacher = (t_out[0] if hidden else t_out)[:, :-1].float()
         t_mask = (batch["t_labels"][:, 1:] != IGNORE).to(w.device)  # the rows predicting response (or block) tokens
-        s_mask = (labels != IGNORE)[real]
-        extra = {"student_mask": s_mask, "teacher_mask": t_mask[real]}
+        s_mask = labels != IGNORE
+        if empty:  # ZeRO-3 over several ranks: this rank joins the others' gathers on its padding rows, for a zero loss
+            real, t_mask, s_mask = torch.ones_like(real), torch.ones_like(t_mask), torch.ones_like(s_mask)
+        extra = {"student_mask": s_mask[real], "teacher_mask": t_mask[real]}
         if hidden:
-            extra.update(projectors=student.projectors,
-                         student_side=side_view(student.model, batch["s_input_ids"], logits, out[1], real, s_mask),
-                         teacher_side=side_view(w.teacher.model, batch["t_input_ids"], teacher, t_out[1], real, t_mask[real]))
-        return Rows(logits[real], teacher[real], labels[real], extra=extra)
+            s_side = side_view(student.model, batch["s_input_ids"], logits, out[1], real, s_mask[real])
+            t_side = side_view(w.teacher.model, batch["t_input_ids"], teacher, t_out[1], real, t_mask[real])
+            extra.update(projectors=student.projectors, student_side=s_side, teacher_side=t_side)
+            if empty:  # the projectors' gathers and gradient reduction run on every rank
+                extra["added_loss"] = sum(dskd_cma_terms(student.projectors, s_side, t_side).values())
+        return Rows(logits[real], teacher[real], labels[real], empty=empty, extra=extra)
 
     def validate(self, w: WorkerContext, shard) -> dict:
         return validate(w, shard)

@@ -33,6 +33,21 @@ class PairLM(nn.Module):
         return (out.logits, out.hidden_states[-1]) if hidden else out.logits
 
 
+def whole_weights(*params: torch.Tensor) -> list[torch.Tensor]:
+    """The full values of `params`, to read outside their module's forward (DSKD reads both models'
+    embeddings and LM heads): the tensors themselves, or for ZeRO-3-partitioned parameters detached
+    copies gathered from every rank. The gather is a collective, so under ZeRO-3 every rank calls
+    this in the same order; the copies live as long as the caller keeps them (one step)."""
+    partitioned = [p for p in {id(p): p for p in params}.values() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return list(params)
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        copies = {id(p): p.detach().clone() for p in partitioned}
+    return [copies.get(id(p), p) for p in params]
+
+
 def special_ids(tok) -> dict:
     """The token ids a causal-LM config names, from the student's tokenizer (None where it has none)."""
     bos = next((v for v in (tok.bos_token_id, tok.cls_token_id) if v is not None), None)

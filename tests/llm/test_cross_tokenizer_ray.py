@@ -39,12 +39,16 @@ def plain_bpb(model_dir: str, tokenizer_dir, texts: list[str], cap: int, covered
     return {"bits_per_byte": nll / math.log(2) / sum(covered_bytes), "perplexity": math.exp(nll / tokens)}
 
 
-def loss_log(run_dir: Path, stage: str) -> list[float]:
+def stage_state(run_dir: Path, stage: str) -> dict:
+    """The sinkd state of a stage's latest checkpoint (loss log, resumes)."""
     from pipelines.recipes.export import latest_checkpoint
     from pipelines.train.files import STATE_FILE
 
-    state = json.loads((latest_checkpoint(run_dir / "ray" / stage) / STATE_FILE).read_text())
-    return [loss for _, loss in state["loss_log"]]
+    return json.loads((latest_checkpoint(run_dir / "ray" / stage) / STATE_FILE).read_text())
+
+
+def loss_log(run_dir: Path, stage: str) -> list[float]:
+    return [loss for _, loss in stage_state(run_dir, stage)["loss_log"]]
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +113,7 @@ def test_dskd_under_zero3_killed_and_resumed_gives_the_zero2_losses_and_projecto
     zero3 = cross_job(tmp_path, tiny_llama, wiki_path, name="dskd", objective={"method": "dskd"},
                       **{"train.zero_stage": 3, "train.checkpoint_every_steps": 1, "debug.fail_at_step": 2})
     killed = run_job(checked_config(zero3), show_progress=False)
-    from pipelines.recipes.export import latest_checkpoint
-    from pipelines.train.files import STATE_FILE
-
-    state = json.loads((latest_checkpoint(Path(zero3["run_dir"]) / "ray" / "dskd") / STATE_FILE).read_text())
+    state = stage_state(Path(zero3["run_dir"]), "dskd")
     assert state["resumed_from"] == [1]
     assert [s for s, _ in state["loss_log"]] == [1, 2]
     assert [x for _, x in state["loss_log"]] == pytest.approx(loss_log(Path(raw["run_dir"]), "dskd"), rel=1e-4)

@@ -79,8 +79,8 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import (
-    at_least_float32,
     check_choice,
+    check_finite,
     check_int_at_least,
     check_logit_tensor,
     check_logit_values,
@@ -88,6 +88,7 @@ from ._checks import (
     check_positive,
 )
 from .costs import cost_matrix
+from .ranked import RankedLogits, ranked_log
 from .sinkhorn import sinkhorn
 
 SD_GRAD_MODES = ("unrolled", "implicit")
@@ -96,20 +97,6 @@ REDUCTIONS = ("sequence", "token")
 
 def _check_k(k):
     return None if k is None else check_int_at_least("k", k, 1)
-
-
-def _ranked_log(logits: torch.Tensor, k: int | None, temperature: float) -> torch.Tensor:
-    """log of softmax(logits / T) sorted descending, (..., k): the top k, or all V when k is None;
-    -inf past the vocabulary when k > V (probability 0). topk on the logits, then one logsumexp:
-    no (..., V) softmax is kept for the backward when k < V."""
-    z = at_least_float32(logits) / temperature
-    vocab = z.shape[-1]
-    width = vocab if k is None else k
-    top = z.topk(width, dim=-1).values if width < vocab else z.sort(dim=-1, descending=True).values
-    log_p = top - torch.logsumexp(z, dim=-1, keepdim=True)
-    if width > vocab:
-        log_p = torch.nn.functional.pad(log_p, (0, width - vocab), value=-math.inf)
-    return log_p
 
 
 def ranked_probs(logits: torch.Tensor, k: int | None, temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -170,7 +157,7 @@ def ranked_probs(logits: torch.Tensor, k: int | None, temperature: float = 1.0, 
     if mask is not None:
         mask = _as_bool_mask("mask", mask, tuple(logits.shape[:-1]), "the logits' row shape")
     check_logit_values("logits", logits)
-    probs = _ranked_log(logits, k, temperature).exp()
+    probs = ranked_log(logits, k, temperature).exp()
     return probs if mask is None else probs * mask[..., None]
 
 
@@ -198,14 +185,16 @@ def _as_bool_mask(field: str, mask, shape: tuple, what: str) -> torch.Tensor:
 
 def _check_pair(student_logits, teacher_logits, student_mask, teacher_mask):
     """Shapes (B, T_s, V_s) / (B, T_t, V_t), masks (B, T_s) / (B, T_t), every sequence with a real
-    token on both sides, logits finite or -inf. Returns the two boolean masks."""
+    token on both sides, logits finite or -inf. The teacher may be RankedLogits (its values (B, T_t, w)
+    checked as logits). Returns the two boolean masks."""
     _check_logit_tensor("student_logits", student_logits)
-    _check_logit_tensor("teacher_logits", teacher_logits)
-    if student_logits.shape[0] != teacher_logits.shape[0]:
+    teacher_values = _values(teacher_logits)
+    _check_logit_tensor("teacher_logits", teacher_values)
+    if student_logits.shape[0] != teacher_values.shape[0]:
         raise ValueError(f"batch mismatch: student_logits has B={student_logits.shape[0]} sequences, "
-                         f"teacher_logits has B={teacher_logits.shape[0]}")
+                         f"teacher_logits has B={teacher_values.shape[0]}")
     masks = []
-    for field, logits, mask in (("student_mask", student_logits, student_mask), ("teacher_mask", teacher_logits, teacher_mask)):
+    for field, logits, mask in (("student_mask", student_logits, student_mask), ("teacher_mask", teacher_values, teacher_mask)):
         rows = tuple(logits.shape[:2])
         side = field.split("_")[0]
         if mask is None:
@@ -218,8 +207,19 @@ def _check_pair(student_logits, teacher_logits, student_mask, teacher_mask):
                              "(drop that sequence, or keep at least one response token)")
         masks.append(mask)
     check_logit_values("student_logits", student_logits)
-    check_logit_values("teacher_logits", teacher_logits)
+    check_logit_values("teacher_logits", teacher_values)
+    if teacher_values is not teacher_logits:
+        check_finite("teacher_logits.log_normalizers", teacher_logits.log_normalizers)
     return masks
+
+
+def _values(teacher):
+    """The teacher's logits tensor: the logits, or a RankedLogits' kept values."""
+    return teacher.values if isinstance(teacher, RankedLogits) else teacher
+
+
+def _vocab(teacher) -> int:
+    return teacher.vocab if isinstance(teacher, RankedLogits) else teacher.shape[-1]
 
 
 def _front(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,8 +228,10 @@ def _front(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order, mask.sum(1)
 
 
-def _take(x: torch.Tensor, order: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` rows of x (B, T, D) in `order`: (B, length, D)."""
+def _take(x, order: torch.Tensor, length: int):
+    """The first `length` rows of x (B, T, D) in `order`: (B, length, D). x may be RankedLogits."""
+    if isinstance(x, RankedLogits):
+        return x.map(lambda t: _take(t, order, length))
     idx = order[:, :length]
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
@@ -278,8 +280,10 @@ def uld_loss(
     ----------
     student_logits : Tensor, shape (B, T_s, V_s), floating point
         Student logits; gradients flow into them. -inf marks a masked token (NaN / +inf refused).
-    teacher_logits : Tensor, shape (B, T_t, V_t), floating point
-        Teacher logits; not detached here (pass detached logits for a frozen teacher).
+    teacher_logits : Tensor, shape (B, T_t, V_t), floating point, or RankedLogits
+        Teacher logits; not detached here (pass detached logits for a frozen teacher). A
+        :class:`sinkd.RankedLogits` of rows (B, T_t) (e.g. read from a logit cache) gives the same loss
+        when it keeps at least the top k logits and the normaliser of ``temperature``.
     student_mask, teacher_mask : Tensor of bool, shapes (B, T_s) / (B, T_t), optional
         True on the rows to compare (those whose logits predict response tokens); default all True.
         Every sequence needs a real token on both sides.
@@ -328,15 +332,15 @@ def uld_loss(
     temperature = check_positive("temperature", temperature)
     check_choice("reduction", reduction, REDUCTIONS)
     if student_logits.shape[0] == 0:
-        return (student_logits.sum() + teacher_logits.sum()) * 0.0
+        return (student_logits.sum() + _values(teacher_logits).sum()) * 0.0
     order_s, n_s = _front(mask_s)
     order_t, n_t = _front(mask_t)
     pairs = torch.minimum(n_s, n_t)
     length = int(pairs.max())
-    width = k or max(student_logits.shape[-1], teacher_logits.shape[-1])
+    width = k or max(student_logits.shape[-1], _vocab(teacher_logits))
     # Only the paired rows are ranked (a full sort each when k is None).
-    ps = _ranked_log(_take(student_logits, order_s, length), width, temperature).exp()
-    pt = _ranked_log(_take(teacher_logits, order_t, length), width, temperature).exp()
+    ps = ranked_log(_take(student_logits, order_s, length), width, temperature).exp()
+    pt = ranked_log(_take(teacher_logits, order_t, length), width, temperature).exp()
     per_token = (ps - pt).abs().sum(-1) * _first(pairs, length)
     return _reduce(per_token, pairs, reduction)
 
@@ -463,8 +467,10 @@ def multilevel_ot_loss(
     ----------
     student_logits : Tensor, shape (B, T_s, V_s), floating point
         Student logits; gradients flow into them. -inf marks a masked token (NaN / +inf refused).
-    teacher_logits : Tensor, shape (B, T_t, V_t), floating point
-        Teacher logits; not detached here (pass detached logits for a frozen teacher).
+    teacher_logits : Tensor, shape (B, T_t, V_t), floating point, or RankedLogits
+        Teacher logits; not detached here (pass detached logits for a frozen teacher). A
+        :class:`sinkd.RankedLogits` of rows (B, T_t) (e.g. read from a logit cache) gives the same loss
+        when it keeps at least the top k logits and the normaliser of each of tau_had, tau_sl, tau_sd (those of weight > 0).
     student_mask, teacher_mask : Tensor of bool, shapes (B, T_s) / (B, T_t), optional
         True on the rows to compare (those whose logits predict response tokens); default all True.
         Every sequence needs a real token on both sides.
@@ -520,7 +526,7 @@ def multilevel_ot_loss(
         config = dataclasses.replace(config, **overrides)
     mask_s, mask_t = _check_pair(student_logits, teacher_logits, student_mask, teacher_mask)
     if student_logits.shape[0] == 0:
-        zero = (student_logits.sum() + teacher_logits.sum()) * 0.0
+        zero = (student_logits.sum() + _values(teacher_logits).sum()) * 0.0
         return MultiLevelOTOutput(zero, zero, zero, zero)
     order_s, n_s = _front(mask_s)
     order_t, n_t = _front(mask_t)
@@ -533,7 +539,7 @@ def multilevel_ot_loss(
 
     def log_ranked(tau):
         if tau not in ranked:
-            ranked[tau] = (_ranked_log(zs, config.k, tau), _ranked_log(zt, config.k, tau))
+            ranked[tau] = (ranked_log(zs, config.k, tau), ranked_log(zt, config.k, tau))
         return ranked[tau]
 
     paired = _first(pairs, length)

@@ -134,6 +134,9 @@ class LogitCacheConfig:
     num_cpus: float = 1.0  # per teacher actor
     num_gpus: float = 0.0  # per teacher actor (GPU hosts)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the teacher's compute dtype
+    # cross_tokenizer: the temperatures whose full-vocabulary normalisers are kept beside the top-k
+    # logits (default [1.0, 2.0]: MultiLevelOT's tau_had/tau_sl and tau_sd, ULD's 1)
+    temperatures: Optional[list[float]] = None
 
 
 @dataclass
@@ -190,6 +193,12 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def student_objectives(self) -> dict[str, dict]:
+        """Each student stage's objective mapping: the main run's, then each baseline's overrides over it."""
+        students = {self.name: dict(self.objective)}
+        students.update({name: {**self.objective, **over} for name, over in self.baselines.items()})
+        return students
 
     @classmethod
     def from_dict(cls, raw: dict) -> "Config":

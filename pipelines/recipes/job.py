@@ -65,9 +65,7 @@ def plan_job(cfg: Config) -> Plan:
     to the run directory (a causal LM's GGUF teacher is dequantised once into lm.cache.dir: a cache)."""
     task = get_task(cfg.task_type)
     prepared = task.prepare(cfg)
-    students = {cfg.name: dict(cfg.objective)}
-    students.update({name: {**cfg.objective, **over} for name, over in cfg.baselines.items()})
-    plan = Plan(cfg, prepared, students, task.summarize(cfg, prepared))
+    plan = Plan(cfg, prepared, cfg.student_objectives(), task.summarize(cfg, prepared))
     _check_fingerprints(plan)
     check_storage(plan)
     return plan

@@ -123,3 +123,29 @@ def test_dskd_under_zero3_killed_and_resumed_gives_the_zero2_losses_and_projecto
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
     assert killed["models"]["dskd"]["test"]["bits_per_byte"] == pytest.approx(results["models"]["dskd"]["test"]["bits_per_byte"],
                                                                               rel=1e-4)
+
+
+def test_the_mlot_stage_on_the_ranked_cache_trains_as_on_the_live_teacher_without_one(zero2, tmp_path, tiny_llama, wiki_path):
+    """lm.cache.enabled: one Ray Data pass of the teacher, then the MultiLevelOT stage reads its ranked
+    rows and loads no teacher; DSKD still runs it live. The losses and the exported student equal
+    the live ZeRO-2 job's, and a later run finds the cache instead of scoring again."""
+    from pipelines.recipes.job import run_job
+    from pipelines.tasks.cross_tokenizer.cache import ensure_ranked_cache
+
+    raw, results = zero2
+    cached_raw = cross_job(tmp_path, tiny_llama, wiki_path, name="mlot", baselines={"dskd": {"method": "dskd"}},
+                           **{"lm.cache.enabled": True, "lm.cache.dir": str(tmp_path / "cache"), "lm.cache.topk": 24})
+    cfg = checked_config(cached_raw)
+    cached = run_job(cfg, show_progress=False)
+    assert "mlot: reads the teacher logit cache (top 24 logits and the normalisers at 1, 2)" in cached["notes"]
+    assert any(n.startswith("dskd: runs the teacher live (DSKD reads the teacher's hidden states") for n in cached["notes"])
+    assert "teacher_params" not in cached["models"]["mlot"] and cached["models"]["dskd"]["teacher_params"] > 0
+    assert results["models"]["mlot"]["teacher_params"] > 0 and "teacher_params" not in results["models"]["ce"]  # CE: no teacher
+    assert loss_log(Path(cached_raw["run_dir"]), "mlot") == pytest.approx(loss_log(Path(raw["run_dir"]), "mlot"), rel=1e-5)
+    for name in ("mlot", "dskd"):
+        assert cached["models"][name]["test"]["bits_per_byte"] == pytest.approx(
+            results["models"][name]["test"]["bits_per_byte"], rel=1e-5)
+    manifests = list((tmp_path / "cache").glob("*/manifest.json"))
+    assert len(manifests) == 1 and json.loads(manifests[0].read_text())["rows"] == {"train": 8}
+    again = ensure_ranked_cache(cfg, get_task(cfg.task_type).prepare(cfg).data, str(tiny_llama))
+    assert not again.built and again.root == str(manifests[0].parent)

@@ -129,7 +129,9 @@ def test_pair_collate_masks_padding_rows_and_pads_each_side_to_its_own_longest_r
     ({"student.tokenizer": None}, r"^student.tokenizer: required with student.init: teacher_layers"),
     ({"student.tokenizer": "/no/such/dir"}, r"^student.tokenizer: directory not found /no/such/dir$"),
     ({"lm.format": "prompt_response"}, r"^data.files.train: lm.format prompt_response needs jsonl records, got wiki_xml"),
-    ({"lm.cache.enabled": True}, r"^lm.cache.enabled: cross_tokenizer runs its teacher live"),
+    ({"lm.cache.temperatures": []}, r"^lm.cache.temperatures: must be a non-empty list of distinct numbers > 0"),
+    ({"lm.cache.temperatures": [1.0, 1.0]}, r"^lm.cache.temperatures: must be a non-empty list of distinct"),
+    ({"lm.cache.temperatures": [2.0, -1.0]}, r"^lm.cache.temperatures: must be a non-empty list of distinct"),
     ({"student.layers": [0, 9]}, r"^student.layers: must be distinct indices of the teacher's 4 layers, got \[0, 9\]$"),
     ({"student.init": "config", "student.layers": None, "student.config": {"vocab_size": 100}},
      r"^student.config.vocab_size: 100 is below the student tokenizer's 30,522 tokens"),
@@ -167,6 +169,99 @@ def test_student_tokenizer_is_refused_by_the_same_tokenizer_tasks(tmp_path, tiny
     raw = cross_job(tmp_path, tiny_llama, wiki_path, task_type="causal_lm", objective={"alpha": 1.0})
     with pytest.raises(ConfigError, match=r"^student.tokenizer: task_type causal_lm distils into the teacher's tokenizer"):
         checked_config(raw)
+    raw = cross_job(tmp_path, tiny_llama, wiki_path, task_type="causal_lm", objective={"alpha": 1.0}, student={"init": "teacher_layers", "layers": [0]})
+    raw["lm"]["cache"] = {"temperatures": [1.0]}
+    with pytest.raises(ConfigError, match=r"^lm.cache.temperatures: task_type cross_tokenizer only"):
+        checked_config(raw)
+
+
+# ----------------------------------------------------------------------------- the teacher's ranked logit cache
+
+
+@pytest.mark.parametrize("objective, cache, use", [
+    ({"method": "ce"}, {}, "none"),
+    ({"method": "ce"}, {"enabled": True}, "none"),
+    ({"method": "multilevel_ot"}, {}, "live"),  # the cache is off
+    ({"method": "multilevel_ot"}, {"enabled": True}, "cache"),  # k 50 <= topk 64, tau 1 and 2 kept
+    ({"method": "multilevel_ot", "multilevel_ot": {"k": 80}}, {"enabled": True}, "live"),
+    ({"method": "multilevel_ot", "multilevel_ot": {"k": 80}}, {"enabled": True, "topk": 80}, "cache"),
+    ({"method": "multilevel_ot", "multilevel_ot": {"tau_sd": 3.0}}, {"enabled": True}, "live"),
+    ({"method": "multilevel_ot", "multilevel_ot": {"tau_sd": 3.0, "gamma": 0.0}}, {"enabled": True}, "cache"),
+    ({"method": "multilevel_ot", "multilevel_ot": {"tau_sd": 3.0}}, {"enabled": True, "temperatures": [1, 3]}, "cache"),
+    ({"method": "uld"}, {"enabled": True}, "live"),  # k null: whole sorted vocabularies
+    ({"method": "uld", "uld": {"k": 64, "temperature": 2.0}}, {"enabled": True}, "cache"),
+    ({"method": "dskd"}, {"enabled": True}, "live"),
+])
+def test_each_method_reads_the_cache_only_when_it_holds_what_its_loss_reads(tmp_path, tiny_llama, wiki_path, objective, cache, use):
+    from pipelines.tasks.cross_tokenizer.cache import teacher_use
+    from pipelines.tasks.cross_tokenizer.objective import CrossTokenizerObjective
+
+    cfg = checked_config(cross_job(tmp_path, tiny_llama, wiki_path, objective=objective, **{"lm.cache": cache}))
+    assert teacher_use(cfg, CrossTokenizerObjective(objective))[0] == use
+
+
+def test_the_ranked_cache_rows_give_the_live_teachers_losses(tmp_path, tiny_llama, wiki_path):
+    """RankedScorer's rows, read back through the collate (with a padding row), are the live teacher's
+    ranked rows: the objective on them equals the objective on the live logits."""
+    from pipelines.tasks import get_task
+    from pipelines.tasks.causal_lm.data import padding_rows
+    from pipelines.tasks.cross_tokenizer.cache import RankedScorer, cached_teacher
+    from pipelines.tasks.cross_tokenizer.data import PairCollate
+    from pipelines.tasks.cross_tokenizer.metrics import side_inputs
+    from pipelines.tasks.cross_tokenizer.objective import CrossTokenizerObjective
+    from sinkd import RankedLogits
+
+    cfg = checked_config(cross_job(tmp_path, tiny_llama, wiki_path))
+    table = get_task(cfg.task_type).prepare(cfg).data.splits["train"].slice(0, 5)
+    scored = pa.concat_tables([RankedScorer(str(tiny_llama), 24, [1.0, 2.0])(table.slice(0, 3)),
+                               RankedScorer(str(tiny_llama), 24, [1.0, 2.0])(table.slice(3, 2))])
+    assert scored.column_names[:len(table.column_names)] == table.column_names  # the paired rows, whole
+    lengths = [len(ids) - 1 for ids in table["t_input_ids"].to_pylist()]
+    assert [len(v) for v in scored["t_top"].to_pylist()] == [24 * n for n in lengths]
+    batch = PairCollate()(pa.concat_tables([scored, padding_rows(scored, 1)]))
+    cached = cached_teacher(batch, "cpu")
+    assert cached.temperatures == (1.0, 2.0) and cached.vocab == 49152 and cached.shape == (6, max(lengths))
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    with torch.no_grad():
+        live = model(**side_inputs(batch, "t", "cpu")).logits[:, :-1].float()
+    reference = RankedLogits.from_logits(live, 24, (1.0, 2.0))
+    t_mask = batch["t_labels"][:, 1:] != -100
+    for k in (1, 20, 24):
+        torch.testing.assert_close(cached.log_ranked(k, 2.0)[t_mask], reference.log_ranked(k, 2.0)[t_mask], rtol=0, atol=1e-5)
+    real = batch["ids"] != -1
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(6, batch["s_input_ids"].shape[1] - 1, 30522, generator=g)
+    labels = batch["s_labels"][:, 1:]
+    for values in ({"method": "multilevel_ot", "multilevel_ot": {"k": 20}}, {"method": "uld", "uld": {"k": 24, "temperature": 2.0}}):
+        objective = CrossTokenizerObjective(values)
+        extra = {"student_mask": (labels != -100)[real], "teacher_mask": t_mask[real]}
+        got = objective(Rows(student[real], cached[real], labels[real], extra=extra))
+        want = objective(Rows(student[real], live[real], labels[real], extra=extra))
+        assert float(got.kd) > 0
+        torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=0)
+        torch.testing.assert_close(got.sinkhorn, want.sinkhorn, rtol=1e-5, atol=0)
+
+
+def test_the_cache_fingerprint_covers_both_sides_tokens_the_width_and_the_temperatures(tmp_path, tiny_llama, wiki_path):
+    from pipelines.tasks import get_task
+    from pipelines.tasks.cross_tokenizer.cache import fingerprint
+
+    cfg = checked_config(cross_job(tmp_path, tiny_llama, wiki_path, **{"lm.cache.enabled": True}))
+    table = get_task(cfg.task_type).prepare(cfg).data.splits["train"]
+    base = fingerprint(cfg, table, str(tiny_llama))
+    assert fingerprint(cfg, table, str(tiny_llama)) == base
+    s_ids = table["s_input_ids"].to_pylist()
+    s_ids[0][1] += 1  # another student token: the cached rows carry the student's side too
+    changed = [fingerprint(cfg, table.set_column(table.schema.get_field_index("s_input_ids"), "s_input_ids",
+                                                 pa.array(s_ids, table.schema.field("s_input_ids").type)), str(tiny_llama))]
+    for key, value in (("lm.cache.topk", 32), ("lm.cache.temperatures", [1.0, 3.0]), ("lm.cache.dtype", "bfloat16")):
+        changed.append(fingerprint(checked_config(cross_job(tmp_path, tiny_llama, wiki_path, **{"lm.cache.enabled": True, key: value})),
+                                   table, str(tiny_llama)))
+    changed.append(fingerprint(cfg, table.slice(1), str(tiny_llama)))
+    assert len({base, *changed}) == len(changed) + 1
 
 
 # ----------------------------------------------------------------------------- DSKD with cross-model attention

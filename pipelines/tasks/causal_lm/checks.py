@@ -147,6 +147,9 @@ def check_teacher_layers(cfg: Config, directory: Path, gguf: str | None) -> None
 
 def check_lm_models(cfg: Config) -> None:
     """Teacher (HF directory or GGUF) and student: a causal LM each, one shared tokenizer."""
+    if cfg.lm.cache.temperatures is not None:
+        raise ConfigError("lm.cache.temperatures: task_type cross_tokenizer only (a causal_lm cache keeps the "
+                          "temperature-1 log-probabilities); leave it out")
     directory, gguf = teacher_source(cfg)
     check_decoder_teacher(directory, gguf)
     s = cfg.student

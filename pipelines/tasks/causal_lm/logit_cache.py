@@ -58,44 +58,54 @@ def cache_key(cfg) -> str:
     return "ray.storage_path" if is_object_store(cfg.ray.storage_path) else "lm.cache.dir"
 
 
-def _teacher_identity(teacher_dir: str) -> dict:
+def teacher_identity(teacher_dir: str) -> dict:
+    """What a teacher's outputs depend on, cheaply: its folder, config and weight files (name, size, mtime)."""
     d = Path(teacher_dir)
     weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in d.glob("*.safetensors"))
     weights += sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in d.glob("*.bin"))
     return {"dir": str(d.resolve()), "config": json.loads((d / "config.json").read_text()), "weights": weights}
 
 
+def hash_list_columns(h, table: pa.Table, columns) -> None:
+    """Feed `h` the exact contents of list columns (row lengths, then values)."""
+    for col in columns:
+        arr = table.column(col).combine_chunks()
+        h.update(np.diff(arr.offsets.to_numpy()).tobytes())
+        h.update(arr.values.to_numpy().tobytes())
+
+
 def fingerprint(cfg, data, teacher_dir: str) -> str:
     """Hash of what the cached values depend on: teacher weights, token blocks, k, length, dtype."""
     h = hashlib.sha256()
     c = cfg.lm.cache
-    h.update(json.dumps({"format": FORMAT, "teacher": _teacher_identity(teacher_dir), "k": c.topk,
+    h.update(json.dumps({"format": FORMAT, "teacher": teacher_identity(teacher_dir), "k": c.topk,
                          "max_length": cfg.data.max_length, "dtype": c.dtype}, sort_keys=True, default=str).encode())
     for split in SPLITS:
-        table = data.splits[split]
         h.update(split.encode())
-        for col in ("input_ids", "labels"):
-            arr = table.column(col).combine_chunks()
-            h.update(np.diff(arr.offsets.to_numpy()).tobytes())
-            h.update(arr.values.to_numpy().tobytes())
+        hash_list_columns(h, data.splits[split], ("input_ids", "labels"))
     return h.hexdigest()[:24]
+
+
+def load_scoring_teacher(teacher_dir: str, dtype: str, num_threads: int | None):
+    """(the frozen teacher on this actor's device, in eval mode; the device): for a cache's scorer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..common import quiet_transformers
+
+    quiet_transformers()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(fetch(teacher_dir), dtype=getattr(torch, dtype)).to(device).eval()
+    return model, device
 
 
 class TeacherScorer:
     """Ray Data callable class: the frozen teacher, loaded once per actor, scoring batches of blocks."""
 
     def __init__(self, teacher_dir: str, k: int, dtype: str = "float32", num_threads: int | None = None):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from ..common import quiet_transformers
-
-        quiet_transformers()
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.dtype = getattr(torch, dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(fetch(teacher_dir), dtype=self.dtype).to(self.device).eval()
+        self.model, self.device = load_scoring_teacher(teacher_dir, dtype, num_threads)
         pad = self.model.config.pad_token_id
         self.pad = pad if isinstance(pad, int) else 0
         self.k = k
@@ -132,16 +142,26 @@ def ensure_cache(cfg, data, teacher_dir: str) -> CacheInfo:
     reads the cache the driver made without hashing the teacher again."""
     c = cfg.lm.cache
     memo = (teacher_dir, cache_location(cfg), c.topk, c.dtype, cfg.data.max_length)
+    kwargs = {"teacher_dir": ship(teacher_dir, cfg), "k": c.topk, "dtype": c.dtype, "num_threads": max(1, int(c.num_cpus))}
+    return cached_or_built(cfg, data, memo, lambda: fingerprint(cfg, data, teacher_dir), {s: data.splits[s] for s in SPLITS},
+                           TeacherScorer, kwargs, {"teacher": teacher_dir, "topk": c.topk})
+
+
+def cached_or_built(cfg, data, memo: tuple, fingerprint_of, tables: dict, scorer: type, scorer_kwargs: dict,
+                    manifest: dict) -> CacheInfo:
+    """A teacher cache of `tables` (split -> rows) scored by the Ray Data callable class `scorer`:
+    the one remembered on `data` under `memo`, else the one whose manifest is found under the hash
+    `fingerprint_of()`, else built. `manifest`: what else the manifest records (which teacher, k)."""
     if memo in data.caches:
         return data.caches[memo]
-    fp = fingerprint(cfg, data, teacher_dir)
+    fp = fingerprint_of()
     root = join_storage(cache_location(cfg), fp)
     fs, path = open_storage(root, cache_key(cfg))
-    manifest = _read_manifest(fs, f"{path}/{MANIFEST}")
-    if manifest is not None:
-        info = CacheInfo(root, fp, False, manifest["rows"], manifest["files"])
+    found = _read_manifest(fs, f"{path}/{MANIFEST}")
+    if found is not None:
+        info = CacheInfo(root, fp, False, found["rows"], found["files"])
     else:
-        info = _build(cfg, data, teacher_dir, fp, root, fs, path)
+        info = _build(cfg, fp, root, fs, path, tables, scorer, scorer_kwargs, manifest)
     data.caches[memo] = info
     return info
 
@@ -155,38 +175,37 @@ def _read_manifest(fs, path: str) -> dict | None:
         return json.loads(f.read().decode())
 
 
-def _build(cfg, data, teacher_dir: str, fp: str, root: str, fs, path: str) -> CacheInfo:
-    """One teacher pass over all splits (one set of actors), written partitioned by split into a
+def _build(cfg, fp: str, root: str, fs, path: str, tables: dict, scorer: type, scorer_kwargs: dict,
+           manifest: dict) -> CacheInfo:
+    """One teacher pass over all `tables` (one set of actors), written partitioned by split into a
     folder of this build's own, then the manifest that makes it the cache. fs, path: root opened."""
     import pyarrow.fs
     import ray.data
 
     c = cfg.lm.cache
     write = uuid.uuid4().hex[:12]
-    table = pa.concat_tables([data.splits[s].append_column("split", pa.array([s] * data.splits[s].num_rows))
-                              for s in SPLITS])
+    table = pa.concat_tables([t.append_column("split", pa.array([s] * t.num_rows)) for s, t in tables.items()])
     ds = ray.data.from_arrow(table, override_num_blocks=max(1, min(64, table.num_rows // (4 * c.batch_size))))
     scored = ds.map_batches(
-        TeacherScorer, fn_constructor_kwargs={"teacher_dir": ship(teacher_dir, cfg), "k": c.topk, "dtype": c.dtype,
-                                              "num_threads": max(1, int(c.num_cpus))},
-        batch_size=c.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=c.concurrency),
-        num_cpus=c.num_cpus, **({"num_gpus": c.num_gpus} if c.num_gpus else {}))
+        scorer, fn_constructor_kwargs=scorer_kwargs, batch_size=c.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=c.concurrency), num_cpus=c.num_cpus,
+        **({"num_gpus": c.num_gpus} if c.num_gpus else {}))
     try:
         scored.write_parquet(f"{path}/{write}", filesystem=fs, partition_cols=["split"])
     except BaseException:
         fs.delete_dir_contents(f"{path}/{write}", missing_dir_ok=True)
         raise
-    files = {s: [] for s in SPLITS}
+    files = {s: [] for s in tables}
     for info in fs.get_file_info(pyarrow.fs.FileSelector(f"{path}/{write}", recursive=True)):
         rel = info.path[len(path.rstrip("/")) + 1:]
         split = rel.split("/")[1].partition("=")[2] if rel.count("/") >= 2 else ""
         if info.type == pyarrow.fs.FileType.File and rel.endswith(".parquet") and split in files:
             files[split].append(rel)
     files = {k: sorted(v) for k, v in files.items()}
-    rows = {s: data.splits[s].num_rows for s in SPLITS}
+    rows = {s: t.num_rows for s, t in tables.items()}
     with fs.open_output_stream(f"{path}/{MANIFEST}") as out:  # last: the cache exists from here on
-        out.write(json.dumps({"fingerprint": fp, "teacher": teacher_dir, "topk": c.topk, "max_length": cfg.data.max_length,
-                              "dtype": c.dtype, "rows": rows, "files": files}, indent=1).encode())
+        out.write(json.dumps({"fingerprint": fp, **manifest, "max_length": cfg.data.max_length, "dtype": c.dtype,
+                              "rows": rows, "files": files}, indent=1).encode())
     return CacheInfo(root, fp, True, rows, files)
 
 

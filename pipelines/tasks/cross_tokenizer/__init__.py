@@ -1,8 +1,9 @@
 """Cross-tokenizer distillation (issue 16): a decoder-only teacher and a student with different
 vocabularies. Both tokenise the same text blocks (data.paired_blocks); the student is trained against
-the live teacher with a ranked-distribution loss from sinkd.cross_vocab (ULD, MultiLevelOT) or DSKD's
+the teacher with a ranked-distribution loss from sinkd.cross_vocab (ULD, MultiLevelOT) or DSKD's
 cross-model attention (dskd.py), chosen by objective.CrossTokenizerObjective, and every model is
-scored in bits per byte, the one figure comparable across tokenizers (metrics)."""
+scored in bits per byte, the one figure comparable across tokenizers (metrics). The teacher runs
+live, or once into the ranked logit cache that ULD and MultiLevelOT stages read (cache.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import torch
 
 from ...config import Config, model_config
 from ..causal_lm.data import IGNORE
+from ..causal_lm.logit_cache import read_cache
 from ..causal_lm.metrics import metrics_for
 from ..causal_lm.models import build_teacher, hf_teacher_dir, in_lockstep
 from ..common import PAD_ID, epoch_shape, load_tokenizer
 from ..protocol import Prepared, Rows, Stage, StageMeta, WorkerContext
+from .cache import cached_teacher, ensure_ranked_cache, teacher_use
 from .checks import check_cross_tokenizer, student_tokenizer_dir
 from .data import PairCollate, load_cross_task, pairs_to_ray
 from .dskd import CMAProjectors, Side, dskd_cma_terms
@@ -44,8 +47,13 @@ class CrossTokenizerTask:
     def prepare(self, cfg: Config) -> Prepared:
         teacher_dir = hf_teacher_dir(cfg)
         data = load_cross_task(cfg, load_tokenizer(teacher_dir), load_tokenizer(student_tokenizer_dir(cfg)))
+        notes = list(data.notes)
+        if cfg.lm.cache.enabled:  # which stage trains against which teacher, said before any work
+            for name, values in cfg.student_objectives().items():
+                use, why = teacher_use(cfg, self.objective(values))
+                notes.append(f"{name}: {'reads the teacher logit cache' if use == 'cache' else 'runs the teacher live' if use == 'live' else 'needs no teacher'} ({why})")
         return Prepared(data, teacher_dir, False, metrics_for(cfg, METRICS),
-                        f"teacher vocabulary {data.teacher_vocab:,}, student vocabulary {data.student_vocab:,}", data.notes)
+                        f"teacher vocabulary {data.teacher_vocab:,}, student vocabulary {data.student_vocab:,}", notes)
 
     def fingerprint(self, cfg: Config) -> dict:
         return {"lm": dataclasses.asdict(cfg.lm)}
@@ -54,7 +62,13 @@ class CrossTokenizerTask:
         return CrossTokenizerObjective(values, prefix)
 
     def before_students(self, cfg: Config, prepared: Prepared) -> None:
-        pass  # the teacher runs live beside each student
+        """The ranked cache, once, when a stage of the job reads it (the others run the teacher live)."""
+        if any(self.teacher_use(cfg, values) == "cache" for values in cfg.student_objectives().values()):
+            ensure_ranked_cache(cfg, prepared.data, prepared.teacher_dir)
+
+    def teacher_use(self, cfg: Config, values: dict | None) -> str:
+        """"cache", "live" or "none" (cache.teacher_use) for a stage's objective mapping (None: live)."""
+        return "live" if values is None else teacher_use(cfg, self.objective(values))[0]
 
     def summarize(self, cfg: Config, prepared: Prepared) -> dict:
         data, splits = prepared.data, {}
@@ -73,7 +87,12 @@ class CrossTokenizerTask:
         return StageMeta(KIND, prepared.data.student_vocab, None, None, prepared.metrics, batches, steps, 0, id_sums)
 
     def ray_datasets(self, cfg: Config, prepared: Prepared, stage: Stage) -> dict:
-        return {split: pairs_to_ray(prepared.data.splits[split], cfg.scaling.num_workers) for split in ("train", "validation")}
+        """Train and validation blocks; the train blocks with the teacher's ranked rows when the stage reads the cache."""
+        world = cfg.scaling.num_workers
+        out = {split: pairs_to_ray(prepared.data.splits[split], world) for split in ("train", "validation")}
+        if self.teacher_use(cfg, stage.objective) == "cache":
+            out["train"] = read_cache(ensure_ranked_cache(cfg, prepared.data, prepared.teacher_dir), "train", world)
+        return out
 
     def build_student(self, cfg: Config, stage: Stage, meta: StageMeta):
         """The student; with DSKD, its projectors beside it in the module DeepSpeed trains."""
@@ -85,6 +104,8 @@ class CrossTokenizerTask:
         return hf, PairLM(hf, CMAProjectors(hf.config.hidden_size, teacher_dim), lr)
 
     def build_teacher(self, cfg: Config, stage: Stage, meta: StageMeta, ds_config_zero3: dict | None):
+        if self.teacher_use(cfg, stage.objective) != "live":  # the cache's rows, or no teacher at all (CE)
+            return None
         return PairLM(build_teacher(stage.model_path, ds_config_zero3))
 
     def student_tokenizer(self, cfg: Config, stage: Stage) -> str:
@@ -103,11 +124,13 @@ class CrossTokenizerTask:
         real = (batch["ids"] != PAD_ID).to(w.device)
         labels = batch["s_labels"][:, 1:].to(w.device)
         empty = not bool(real.any())
-        if empty and not in_lockstep(w):
+        if empty and (w.teacher is None or not in_lockstep(w)):
             return Rows(logits, None, labels, empty=True)
-        with torch.no_grad():  # every rank runs the teacher on its whole batch (ZeRO-3 gathers in step)
-            t_out = w.teacher(**side_inputs(batch, "t", w.device), hidden=hidden)
-        teacher = (t_out[0] if hidden else t_out)[:, :-1].float()
+        teacher = cached_teacher(batch, w.device)  # the ranked cache's rows (sinkd.RankedLogits), or None
+        if w.teacher is not None:
+            with torch.no_grad():  # every rank runs the teacher on its whole batch (ZeRO-3 gathers in step)
+                t_out = w.teacher(**side_inputs(batch, "t", w.device), hidden=hidden)
+            teacher = (t_out[0] if hidden else t_out)[:, :-1].float()
         t_mask = (batch["t_labels"][:, 1:] != IGNORE).to(w.device)  # the rows predicting response (or block) tokens
         s_mask = labels != IGNORE
         if empty:  # ZeRO-3 over several ranks: this rank joins the others' gathers on its padding rows, for a zero loss
@@ -119,7 +142,7 @@ class CrossTokenizerTask:
             extra.update(projectors=student.projectors, student_side=s_side, teacher_side=t_side)
             if empty:  # the projectors' gathers and gradient reduction run on every rank
                 extra["added_loss"] = sum(dskd_cma_terms(student.projectors, s_side, t_side).values())
-        return Rows(logits[real], teacher[real], labels[real], empty=empty, extra=extra)
+        return Rows(logits[real], None if teacher is None else teacher[real], labels[real], empty=empty, extra=extra)
 
     def validate(self, w: WorkerContext, shard) -> dict:
         return validate(w, shard)

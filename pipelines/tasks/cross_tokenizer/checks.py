@@ -53,12 +53,21 @@ def check_tokenizer_pair(teacher_tok, student_tok, teacher_rows: int | None = No
                           "use task_type: causal_lm, which distils token by token")
 
 
+def check_cache_temperatures(temperatures) -> None:
+    """lm.cache.temperatures: None (the default) or a non-empty list of distinct numbers > 0."""
+    if temperatures is None:
+        return
+    ok = isinstance(temperatures, list) and temperatures and all(
+        isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in temperatures)
+    if not ok or len(set(temperatures)) != len(temperatures):
+        raise ConfigError(f"lm.cache.temperatures: must be a non-empty list of distinct numbers > 0 (the softmax "
+                          f"temperatures the ranked losses read), got {temperatures!r}")
+
+
 def check_cross_tokenizer(cfg: Config) -> None:
     """Everything above; one-line ConfigErrors naming the key."""
     check_causal_lm(cfg)
-    if cfg.lm.cache.enabled:
-        raise ConfigError("lm.cache.enabled: cross_tokenizer runs its teacher live (the ranked losses need each "
-                          "teacher token's whole distribution); set it to false")
+    check_cache_temperatures(cfg.lm.cache.temperatures)
     if cfg.lm.student_max_length is not None and cfg.lm.student_max_length < 8:
         raise ConfigError(f"lm.student_max_length: must be >= 8, got {cfg.lm.student_max_length}")
     directory, gguf = teacher_source(cfg)

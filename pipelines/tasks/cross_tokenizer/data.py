@@ -61,6 +61,7 @@ class CrossData:
     sources: dict[str, str] = field(default_factory=dict)
     truncated: dict[str, dict] = field(default_factory=dict)  # split -> PairedBlocks.truncated
     end_tokens: dict[str, int | None] = field(default_factory=dict)  # side -> the token a response ends with
+    caches: dict = field(default_factory=dict)  # the teacher's ranked caches found or built for these blocks (cache.py)
 
     def sizes(self) -> dict[str, int]:
         return {k: v.num_rows for k, v in self.splits.items()}
@@ -228,7 +229,8 @@ class PairCollate(ArrowBatchCollateFn):
     """Arrow rows -> each side's input_ids and attention_mask ("t_", "s_"), padded to the batch's
     longest row of that side with id 0 (a valid id of any vocabulary, masked out); each side's labels
     (its ids from `*_response_start` on, where the rows have that column; -100 before it and on
-    padding); ids; each side's bytes. Padding rows (id -1) get all-zero masks."""
+    padding); ids; each side's bytes. Padding rows (id -1) get all-zero masks. Rows of the teacher's
+    ranked cache (cache.py) add its columns per teacher row: ranked_columns."""
 
     def __call__(self, batch: pa.Table) -> dict:
         import torch
@@ -245,7 +247,25 @@ class PairCollate(ArrowBatchCollateFn):
             start = batch.column(name).to_numpy().astype(np.int64) if name in batch.column_names else np.zeros(len(row_ids), np.int64)
             scored = out[f"{side}_attention_mask"].bool() & (torch.arange(ids.shape[1])[None, :] >= torch.from_numpy(start)[:, None])
             out[f"{side}_labels"] = torch.where(scored, out[f"{side}_input_ids"], IGNORE)
+        if "t_top" in batch.column_names:
+            out.update(ranked_columns(batch, out["t_input_ids"].shape[1] - 1))
         return out
+
+
+def ranked_columns(batch: pa.Table, rows: int) -> dict:
+    """The cached teacher of each block as tensors: t_top (B, rows, w) and t_lse (B, rows, m), zeros
+    past a block's rows (row t predicts teacher token t + 1); t_vocab (B,); t_temperatures (B, m)."""
+    import torch
+
+    temps = np.asarray(batch.column("t_temperatures").to_pylist(), np.float64)
+    lse = padded(batch.column("t_lse"), 0.0, np.float32, rows, temps.shape[1])
+    lengths = np.diff(batch.column("t_lse").combine_chunks().offsets.to_numpy()) // temps.shape[1]
+    width = len(batch.column("t_top")[0]) // max(int(lengths[0]), 1)
+    top = padded(batch.column("t_top"), 0.0, np.float32, rows, width)
+    return {"t_top": torch.from_numpy(top.reshape(len(temps), rows, width)),
+            "t_lse": torch.from_numpy(lse.reshape(len(temps), rows, temps.shape[1])),
+            "t_vocab": torch.from_numpy(batch.column("t_vocab").to_numpy().astype(np.int64)),
+            "t_temperatures": torch.from_numpy(temps)}
 
 
 def pad_pairs(table: pa.Table, num_workers: int) -> pa.Table:

@@ -82,6 +82,17 @@ class CrossTokenizerObjective:
         """The learning rate of DSKD's projectors (their own parameter group), None for other methods."""
         return self.dskd["projector_lr"] if self.method == "dskd" else None
 
+    def ranked_needs(self) -> tuple[int | None, set[float]] | None:
+        """(k, the temperatures its ranked teacher vectors are read at) of ULD and MultiLevelOT (k None:
+        whole vocabularies); None for a method that reads more of the teacher (DSKD) or nothing (CE)."""
+        if self.method == "uld":
+            return self.uld["k"], {float(self.uld["temperature"])}
+        if self.method == "multilevel_ot":
+            c = self.mlot
+            taus = {c.tau_had} | ({c.tau_sl} if c.beta > 0 else set()) | ({c.tau_sd} if c.gamma > 0 else set())
+            return c.k, {float(t) for t in taus}
+        return None
+
     def _check_uld(self, prefix: str) -> None:
         from sinkd import uld_loss
 

@@ -4,7 +4,7 @@
     sinkd eval [CONFIG.yaml] [--model DIR ...] [--split test|validation]
     sinkd export [CONFIG.yaml] [--stage NAME] [--out DIR]
     sinkd tune CONFIG.yaml SPACE.yaml [--set key=value ...]
-    sinkd compare [CONFIG.yaml] [--objectives NAME ...] [--seeds N] [--set key=value ...]
+    sinkd compare [CONFIG.yaml] [--objectives NAME ...] [--seeds N] [--reference NAME] [--set key=value ...]
     sinkd report RUN_DIR
     sinkd submit [--address URL] [--runtime-env FILE] [--follow] train|tune ARGS...
 
@@ -58,6 +58,8 @@ def parser() -> argparse.ArgumentParser:
                    help="ce, kd, rkl, js, tvd, skew_kl, sinkd (the job's objective), sinkd_paper (the official "
                         "code's setting) or a baseline of the job (default: ce, kd, sinkd and the baselines)")
     c.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds per objective, counted from the job's seed (default 3)")
+    c.add_argument("--reference", metavar="NAME", help="the compared objective the paired differences are taken "
+                   "against (default kd, else ce)")
     r = sub.add_parser("report", help="RUN_DIR/report.md + report.png from a run directory (also a running one)")
     r.add_argument("run_dir", help="a run directory, e.g. runs/default")
     from .recipes.submit import add_parser
@@ -136,7 +138,7 @@ def _compare(cfg, args) -> int:
     from .recipes.tune import TuneInterrupted
 
     try:
-        out = run_compare(cfg, args.objectives, args.seeds)
+        out = run_compare(cfg, args.objectives, args.seeds, args.reference)
     except TuneInterrupted as e:
         print(f"sinkd: {e}", file=sys.stderr)
         return 130

@@ -143,16 +143,24 @@ def paired_difference(values: list[float], reference: list[float], confidence: f
     return {**out, "ci": [float(ci.low), float(ci.high)], "p": float(test.pvalue)}
 
 
-def reference_objective(names: list[str]) -> str | None:
-    """The objective the others are paired against: KD, else CE alone (a cross-tokenizer job), else none."""
+def reference_objective(names: list[str], chosen: str | None = None) -> str | None:
+    """The objective the others are paired against: the chosen one (--reference), else KD, else CE
+    alone (a cross-tokenizer job), else none."""
+    if chosen is not None:
+        return chosen
     return next((n for n in REFERENCES if n in names), None)
 
 
-def summarize(trials: list[dict], names: list[str], metrics: list[str]) -> dict:
+def check_reference(chosen: str | None, names: list[str]) -> None:
+    if chosen is not None and chosen not in names:
+        raise ConfigError(f"--reference: {chosen!r} is not among the compared objectives ({', '.join(names)})")
+
+
+def summarize(trials: list[dict], names: list[str], metrics: list[str], chosen: str | None = None) -> dict:
     """metric -> objective -> describe(...) of its test scores, with `vs_reference`: the paired
-    difference to reference_objective(names) over the seeds both finished (None for the reference
-    itself, or without one)."""
-    reference = reference_objective(names)
+    difference to reference_objective(names, chosen) over the seeds both finished (None for the
+    reference itself, or without one)."""
+    reference = reference_objective(names, chosen)
     scores = {n: {t["seed"]: t["test"] for t in trials if t["objective"] == n and t.get("test")} for n in names}
     out = {}
     for metric in metrics:
@@ -180,16 +188,16 @@ def _p(value) -> str:
     return "n/a" if value is None else f"{value:.3g}"
 
 
-def metric_table(metric: str, rows: dict) -> str:
+def metric_table(metric: str, rows: dict, chosen: str | None = None) -> str:
     """One metric's markdown table: an objective a row, the paired difference to the reference
     (reference_objective) at the right."""
-    reference = reference_objective(list(rows))
+    reference = reference_objective(list(rows), chosen)
     head = ["objective", "seeds", "mean", "std", "min", "max", f"- {reference or 'kd'} (paired)", "95% CI", "p"]
     lines = [f"### test {metric}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
         diff = r["vs_reference"]
         if diff is None:
-            cells = ["reference" if name == reference else "n/a (no kd or ce)", "", ""]
+            cells = ["reference" if name == reference else "n/a (no kd or ce: --reference NAME)", "", ""]
         else:
             ci = "n/a" if diff["ci"] is None else f"[{diff['ci'][0]:+.4f}, {diff['ci'][1]:+.4f}]"
             cells = ["n/a" if diff["mean"] is None else f"{diff['mean']:+.4f}", ci, _p(diff["p"])]
@@ -205,9 +213,10 @@ def markdown(report: dict) -> str:
                f"{', '.join(map(str, report['seeds']))}; {report['data']}")
     lines = [f"# sinkd compare: {len(report['objectives'])} objectives x {len(report['seeds'])} seeds", "", setting, ""]
     lines += [f"- `{name}`: {line}" for name, line in report["described"].items()] + [""]
+    chosen = report.get("reference")
     for metric in report["metrics"]:
-        lines += [metric_table(metric, report["summary"][metric]), ""]
-    lines.append(f"Differences: objective - {reference_objective(list(report['objectives'])) or 'kd'}, paired by seed over the seeds both finished; "
+        lines += [metric_table(metric, report["summary"][metric], chosen), ""]
+    lines.append(f"Differences: objective - {reference_objective(list(report['objectives']), chosen) or 'kd'}, paired by seed over the seeds both finished; "
                  f"{CONFIDENCE:.0%} interval from the t distribution with n - 1 degrees of freedom; p of a "
                  "two-sided paired t-test (scipy.stats.ttest_rel); std is the sample std (n - 1). "
                  "n/a: fewer than 2 values or pairs (or no spread, for p).")
@@ -332,9 +341,12 @@ def run_trials(cfg: Config, prepared: Prepared, objectives: dict, seeds: list[in
     return list(grid)
 
 
-def run_compare(cfg: Config, names: list[str] | None = None, seeds: int = 3) -> dict:
-    """Check everything, prepare the teacher once, run (or resume) the trials, write the outputs."""
+def run_compare(cfg: Config, names: list[str] | None = None, seeds: int = 3, reference: str | None = None) -> dict:
+    """Check everything, prepare the teacher once, run (or resume) the trials, write the outputs.
+    reference: the objective the paired differences are taken against (default kd, else ce); it
+    changes the tables only, so a finished comparison rerun with another reference is rewritten in seconds."""
     objectives, seed_values = resolve_objectives(cfg, names), seed_list(cfg, seeds)
+    check_reference(reference, list(objectives))
     plan = plan_job(cfg)  # data and run-dir checks, before anything is written
     out_dir = Path(cfg.run_dir).resolve() / FOLDER
     wanted = request(cfg, objectives, seed_values)
@@ -344,7 +356,7 @@ def run_compare(cfg: Config, names: list[str] | None = None, seeds: int = 3) -> 
     check_claim(trials_path, claim, storage_key(cfg))  # Tuner.restore would resume another comparison
     done = finished_report(out_dir, wanted)
     if done is not None:  # a finished comparison reruns in seconds, without Ray
-        return write_outputs(done, out_dir)
+        return write_outputs({**done, "reference": reference}, out_dir)
     prepare_run_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "request.json").write_text(json.dumps(wanted, indent=1))
@@ -354,7 +366,7 @@ def run_compare(cfg: Config, names: list[str] | None = None, seeds: int = 3) -> 
         results = run_trials(cfg, plan.prepared, objectives, seed_values, storage)
     report = build_report(cfg, plan, objectives, seed_values, results)
     report["request"] = wanted
-    return write_outputs(report, out_dir)
+    return write_outputs({**report, "reference": reference}, out_dir)
 
 
 def build_report(cfg: Config, plan, objectives: dict, seeds: list[int], results: list) -> dict:
@@ -373,12 +385,13 @@ def build_report(cfg: Config, plan, objectives: dict, seeds: list[int], results:
 def write_outputs(report: dict, out_dir: Path) -> dict:
     """compare.json, compare.md, compare.png; returns the paths, the table and the failed trials.
     The statistics are recomputed from the trials (a compare.json of an older version reads as new)."""
-    report["summary"] = summarize(report["trials"], list(report["objectives"]), report["metrics"])
+    chosen = report.get("reference")
+    report["summary"] = summarize(report["trials"], list(report["objectives"]), report["metrics"], chosen)
     (out_dir / "compare.json").write_text(json.dumps(report, indent=1))
     text = markdown(report)
     (out_dir / "compare.md").write_text(text)
     plot(report, out_dir / "compare.png")
-    tables = "\n\n".join(metric_table(m, report["summary"][m]) for m in report["metrics"])
+    tables = "\n\n".join(metric_table(m, report["summary"][m], chosen) for m in report["metrics"])
     failed = [t for t in report["trials"] if t["status"] != "OK"]
     return {"dir": str(out_dir), "table": tables, "failed": failed, "report": report,
             "files": [str(out_dir / f"compare.{x}") for x in ("md", "json", "png")]}

@@ -137,6 +137,37 @@ def test_without_kd_the_paired_column_is_against_ce_alone(tmp_path):
     assert alone["accuracy"]["uld"]["vs_reference"] is None
 
 
+def test_reference_names_the_objective_the_others_are_paired_against(tmp_path):
+    """Two tuned objectives, neither kd nor ce: without --reference nothing is paired; with it, the
+    table, the markdown and the summary pair against the chosen one."""
+    names = ["kd_tuned", "sinkd_tuned"]
+    trials = _trials({"kd_tuned": [0.683, 0.678, 0.683], "sinkd_tuned": [0.675, 0.673, 0.685]})
+    assert compare.summarize(trials, names, ["accuracy"])["accuracy"]["sinkd_tuned"]["vs_reference"] is None
+    report = {"run_dir": "r", "teacher": "t", "metrics": ["accuracy"], "headline": "accuracy", "data": "d", "seeds": [0, 1, 2],
+              "objectives": {n: {} for n in names}, "trials": trials, "summary": {}, "described": {n: n for n in names}}
+    out = compare.write_outputs(report, tmp_path)
+    assert _md_rows((tmp_path / "compare.md").read_text(), "accuracy")["sinkd_tuned"][5] == "n/a (no kd or ce: --reference NAME)"
+    out = compare.write_outputs({**report, "reference": "kd_tuned"}, tmp_path)
+    md = (tmp_path / "compare.md").read_text()
+    rows = _md_rows(md, "accuracy")
+    diff = compare.paired_difference([0.675, 0.673, 0.685], [0.683, 0.678, 0.683])
+    assert rows["kd_tuned"][5] == "reference" and rows["sinkd_tuned"][5] == f"{diff['mean']:+.4f}" == "-0.0037"
+    assert rows["sinkd_tuned"][6] == f"[{diff['ci'][0]:+.4f}, {diff['ci'][1]:+.4f}]" and rows["sinkd_tuned"][7] == f"{diff['p']:.3g}"
+    assert "| - kd_tuned (paired) |" in md and "Differences: objective - kd_tuned," in md and "- kd_tuned (paired)" in out["table"]
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert saved["reference"] == "kd_tuned" and saved["summary"]["accuracy"]["sinkd_tuned"]["vs_reference"] == json.loads(json.dumps(diff))
+    # on a job with kd, --reference still wins over the default
+    kd_too = compare.summarize(_trials({"kd": [0.6, 0.7], "ce": [0.5, 0.55]}), ["kd", "ce"], ["accuracy"], "ce")
+    assert kd_too["accuracy"]["kd"]["vs_reference"]["mean"] == pytest.approx(0.125) and kd_too["accuracy"]["ce"]["vs_reference"] is None
+
+
+def test_an_unknown_reference_fails_before_any_work(tmp_path):
+    cfg = _cfg(run_dir=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"^--reference: 'kd' is not among the compared objectives \(ce, sinkd\)$"):
+        compare.run_compare(cfg, ["ce", "sinkd"], 2, reference="kd")
+    assert not (tmp_path / "run").exists()
+
+
 def _md_rows(md: str, metric: str) -> dict:
     """objective -> cells of its row in the table of `test <metric>`."""
     block = md.split(f"### test {metric}\n", 1)[1].split("\n\n", 1)[0]

@@ -18,7 +18,7 @@ from ..causal_lm.metrics import metrics_for
 from ..causal_lm.models import build_teacher, hf_teacher_dir, in_lockstep
 from ..common import PAD_ID, epoch_shape, load_tokenizer
 from ..protocol import Prepared, Rows, Stage, StageMeta, WorkerContext
-from .cache import cached_teacher, ensure_ranked_cache, teacher_use
+from .cache import USES, cached_teacher, ensure_ranked_cache, teacher_use
 from .checks import check_cross_tokenizer, student_tokenizer_dir
 from .data import PairCollate, load_cross_task, pairs_to_ray
 from .dskd import CMAProjectors, Side, dskd_cma_terms
@@ -51,7 +51,7 @@ class CrossTokenizerTask:
         if cfg.lm.cache.enabled:  # which stage trains against which teacher, said before any work
             for name, values in cfg.student_objectives().items():
                 use, why = teacher_use(cfg, self.objective(values))
-                notes.append(f"{name}: {'reads the teacher logit cache' if use == 'cache' else 'runs the teacher live' if use == 'live' else 'needs no teacher'} ({why})")
+                notes.append(f"{name}: {USES[use]} ({why})")
         return Prepared(data, teacher_dir, False, metrics_for(cfg, METRICS),
                         f"teacher vocabulary {data.teacher_vocab:,}, student vocabulary {data.student_vocab:,}", notes)
 

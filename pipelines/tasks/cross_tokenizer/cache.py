@@ -40,6 +40,7 @@ from .objective import CrossTokenizerObjective
 
 DEFAULT_TEMPERATURES = (1.0, 2.0)
 FORMAT = 1
+USES = {"cache": "reads the teacher logit cache", "live": "runs the teacher live", "none": "needs no teacher"}
 
 
 def cache_temperatures(cfg) -> tuple[float, ...]:

@@ -9,7 +9,8 @@ Ray Data tasks that write it and the workers that read it may run on any node). 
 covers the teacher's weights, the exact token blocks, k, max_length and the dtype, so a later run or
 Tune trial with the same inputs reuses it and a changed input never reads stale logits. Its
 `manifest.json`, written last, lists the files: readers never see half a cache, and two runs that
-build the same cache at once each write a folder of their own.
+build the same cache at once each write a folder of their own. That machinery (`cached_or_built`)
+also builds the cross-tokenizer task's ranked cache (cross_tokenizer/cache.py).
 """
 
 from __future__ import annotations

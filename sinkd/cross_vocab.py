@@ -470,7 +470,8 @@ def multilevel_ot_loss(
     teacher_logits : Tensor, shape (B, T_t, V_t), floating point, or RankedLogits
         Teacher logits; not detached here (pass detached logits for a frozen teacher). A
         :class:`sinkd.RankedLogits` of rows (B, T_t) (e.g. read from a logit cache) gives the same loss
-        when it keeps at least the top k logits and the normaliser of each of tau_had, tau_sl, tau_sd (those of weight > 0).
+        when it keeps at least the top k logits and the normaliser of each of tau_had, tau_sl and
+        tau_sd (those of the terms of weight > 0).
     student_mask, teacher_mask : Tensor of bool, shapes (B, T_s) / (B, T_t), optional
         True on the rows to compare (those whose logits predict response tokens); default all True.
         Every sequence needs a real token on both sides.

@@ -25,6 +25,17 @@ import torch
 from ._checks import at_least_float32, check_int_at_least, check_logit_tensor, check_logit_values, check_positive
 
 
+def _sorted_top(z: torch.Tensor, width: int) -> torch.Tensor:
+    """The `width` largest entries of each row, descending (all V, sorted, when width >= V)."""
+    return z.topk(width, dim=-1).values if width < z.shape[-1] else z.sort(dim=-1, descending=True).values
+
+
+def _pad_to(log_p: torch.Tensor, k: int) -> torch.Tensor:
+    """log-probabilities widened to k entries with -inf (probability 0) past those there are."""
+    short = k - log_p.shape[-1]
+    return torch.nn.functional.pad(log_p, (0, short), value=-math.inf) if short > 0 else log_p
+
+
 def ranked_log(logits: torch.Tensor, k: int | None, temperature: float) -> torch.Tensor:
     """log of softmax(logits / T) sorted descending, (..., k): the top k, or all V when k is None;
     -inf past the vocabulary when k > V (probability 0). topk on the logits, then one logsumexp:
@@ -32,13 +43,8 @@ def ranked_log(logits: torch.Tensor, k: int | None, temperature: float) -> torch
     if isinstance(logits, RankedLogits):
         return logits.log_ranked(k, temperature)
     z = at_least_float32(logits) / temperature
-    vocab = z.shape[-1]
-    width = vocab if k is None else k
-    top = z.topk(width, dim=-1).values if width < vocab else z.sort(dim=-1, descending=True).values
-    log_p = top - torch.logsumexp(z, dim=-1, keepdim=True)
-    if width > vocab:
-        log_p = torch.nn.functional.pad(log_p, (0, width - vocab), value=-math.inf)
-    return log_p
+    width = z.shape[-1] if k is None else k
+    return _pad_to(_sorted_top(z, width) - torch.logsumexp(z, dim=-1, keepdim=True), width)
 
 
 @dataclass(frozen=True)
@@ -102,10 +108,8 @@ class RankedLogits:
             raise ValueError(f"temperatures has a repeated value: {list(temps)}")
         check_logit_values("logits", logits)
         z = at_least_float32(logits)
-        vocab = z.shape[-1]
-        values = z.topk(width, dim=-1).values if width < vocab else z.sort(dim=-1, descending=True).values
         normalizers = torch.stack([torch.logsumexp(z / t, dim=-1) for t in temps], dim=-1)
-        return cls(values, normalizers, temps, vocab)
+        return cls(_sorted_top(z, width), normalizers, temps, z.shape[-1])
 
     @property
     def width(self) -> int:
@@ -129,10 +133,7 @@ class RankedLogits:
                              f"{', '.join(f'{t:g}' for t in self.temperatures)})")
         j = match[0]
         z = at_least_float32(self.values[..., :k]) / self.temperatures[j]
-        log_p = z - self.log_normalizers[..., j:j + 1]
-        if k > width:
-            log_p = torch.nn.functional.pad(log_p, (0, k - width), value=-math.inf)
-        return log_p
+        return _pad_to(z - self.log_normalizers[..., j:j + 1], k)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "RankedLogits":
         """The same row operation (indexing, gathering, moving) on values and normalisers alike."""

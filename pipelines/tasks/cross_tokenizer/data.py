@@ -259,8 +259,8 @@ def ranked_columns(batch: pa.Table, rows: int) -> dict:
 
     temps = np.asarray(batch.column("t_temperatures").to_pylist(), np.float64)
     lse = padded(batch.column("t_lse"), 0.0, np.float32, rows, temps.shape[1])
-    lengths = np.diff(batch.column("t_lse").combine_chunks().offsets.to_numpy()) // temps.shape[1]
-    width = len(batch.column("t_top")[0]) // max(int(lengths[0]), 1)
+    # w from the first block: w floats a teacher row in t_top against m in t_lse
+    width = len(batch.column("t_top")[0]) * temps.shape[1] // max(len(batch.column("t_lse")[0]), 1)
     top = padded(batch.column("t_top"), 0.0, np.float32, rows, width)
     return {"t_top": torch.from_numpy(top.reshape(len(temps), rows, width)),
             "t_lse": torch.from_numpy(lse.reshape(len(temps), rows, temps.shape[1])),

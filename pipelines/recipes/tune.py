@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from ..config import Config, ConfigError, join_storage, set_key
-from ..tasks import Prepared, Stage, checked_config
+from ..tasks import Prepared, Stage, checked_config, get_task
 from ..train.fit import fit_stage, shipped_inputs
 from .job import plan_job, prepare_run_dir, prepare_teacher
 from .session import ray_session
@@ -44,6 +44,15 @@ def check_space_against_config(cfg: Config, space: TuneSpace) -> None:
                 checked_config(trial)
             except ConfigError as exc:
                 raise SpaceError(f"space.{key}: {value!r} is not valid for the job config ({exc})") from None
+
+
+def check_space_metric(cfg: Config, space: TuneSpace, prepared: Prepared) -> None:
+    """The space's metric must be one the job's validation reports each epoch (CoLA's is only
+    matthews): otherwise Tune would find out after the teacher's fine-tuning and the first epoch."""
+    reported = [f"val_{name}" for name in get_task(cfg.task_type).validation_metrics(cfg, prepared)]
+    if space.metric not in reported:
+        raise SpaceError(f"metric: {space.metric!r} is not reported by this job's validation"
+                         f" (it reports {', '.join(reported)})")
 
 
 def fit_trial(params: dict, base: dict, prepared: Prepared, experiment: str = EXPERIMENT, teacher: str | None = None):
@@ -101,6 +110,7 @@ def run_tune(cfg: Config, space: TuneSpace) -> dict:
 
     check_space_against_config(cfg, space)
     plan = plan_job(cfg)
+    check_space_metric(cfg, space, plan.prepared)
     storage, path = experiment_storage(cfg, EXPERIMENT)
     claim = tune_claim(cfg, space)
     check_claim(path, claim, storage_key(cfg))

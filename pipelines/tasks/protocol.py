@@ -159,6 +159,10 @@ class Task(Protocol):
     def validate(self, w: WorkerContext, shard) -> dict:
         """Validation metrics over every rank's shard (all ranks get the same numbers)."""
 
+    def validation_metrics(self, cfg: Config, prepared: Prepared) -> list[str]:
+        """The scores `validate` reports each epoch (Tune sees them as val_<name>; counts left out):
+        what a search space's `metric` may name, checked before any training."""
+
     # ---- driver: after training
     def evaluate(self, model_dir: str, cfg: Config, prepared: Prepared, split: str,
                  cpus: float = 1.0, actors: int = 1, gpus: float = 0.0) -> dict:

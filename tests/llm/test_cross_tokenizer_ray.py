@@ -18,6 +18,7 @@ import yaml
 from llm_helpers import MINILM, cross_job
 
 from pipelines.tasks import checked_config, get_task
+from pipelines.tasks.cross_tokenizer.metrics import VALIDATION_METRICS
 
 pytestmark = pytest.mark.slow
 
@@ -82,6 +83,7 @@ def test_cross_tokenizer_job_two_workers_zero2_export_and_bits_per_byte(zero2, t
         assert model["test"]["bits_per_byte"] == pytest.approx(ref["bits_per_byte"], rel=1e-4)
         assert model["test"]["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-4)
         assert model["layers"] == 2 and math.isfinite(model["val"]["bits_per_byte"])
+        assert set(model["val"]) - {"tokens"} == set(VALIDATION_METRICS)  # what `sinkd tune` lets a space select
     teacher = results["models"]["teacher"]
     ref = plain_bpb(teacher["path"], tiny_llama, texts, 16, [r["t_bytes"] for r in test])
     assert teacher["test"]["bits_per_byte"] == pytest.approx(ref["bits_per_byte"], rel=1e-4)

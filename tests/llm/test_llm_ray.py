@@ -14,6 +14,7 @@ from llm_helpers import byte_level_bytes
 
 from pipelines.config import set_key
 from pipelines.tasks import checked_config
+from pipelines.tasks.causal_lm.metrics import VALIDATION_METRICS
 from sinkd import DistillationObjective, ObjectiveConfig, SinkhornConfig, TopKDistribution
 
 pytestmark = pytest.mark.slow
@@ -190,6 +191,7 @@ def check_run(results: dict, raw: dict, steps: int):
     assert sinkd["test"]["bits_per_byte"] == pytest.approx(reference["bits_per_byte"], rel=1e-4)
     assert sinkd["test"]["top1_agreement"] == pytest.approx(reference["top1_agreement"], abs=1e-6)
     assert math.isfinite(sinkd["val"]["perplexity"]) and sinkd["val"]["tokens"] == 2 * 7
+    assert set(sinkd["val"]) - {"tokens"} == set(VALIDATION_METRICS)  # what `sinkd tune` lets a space select
     assert sinkd["layers"] == 2
     from transformers import AutoModelForCausalLM
 

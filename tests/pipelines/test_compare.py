@@ -310,6 +310,8 @@ def test_compare_two_objectives_two_seeds_then_finished_reruns(tmp_path, tiny_be
     assert [(t["objective"], t["seed"]) for t in trials] == [("kd", 0), ("kd", 1), ("sinkd", 0), ("sinkd", 1)]
     assert all(t["status"] == "OK" and 0 <= t["test"]["accuracy"] <= 1 for t in trials), trials
     assert all([h["epoch"] for h in t["history"]] == [1] and "val_accuracy" in t["history"][0] for t in trials), trials
+    # Tune's view of an epoch: what Task.validation_metrics declares (`sinkd tune` checks a space's metric on it)
+    assert all(set(t["history"][0]) == {"epoch", "val_examples", "val_accuracy", "val_loss"} for t in trials), trials
     assert report["objectives"]["sinkd"] == job["objective"] and report["objectives"]["kd"]["beta"] == 0.0
     assert out.count("compare: ") == 4 and "compare: kd seed 1: test accuracy" in out  # a line per finished trial
 

@@ -37,3 +37,16 @@ def test_invalid_space_fails_before_any_work(tmp_path, tiny_bert, sst2_small):
     assert proc.returncode == 2
     assert "space.objective.sinkhorn.epsilon" in out and "unknown key" in out, out
     assert not (tmp_path / "run").exists()
+
+
+def test_a_metric_the_validation_does_not_report_fails_before_any_work(tmp_path, tiny_bert, sst2_small):
+    """CoLA's validation reports MCC, not accuracy: an SST-2 space on a CoLA job is refused up front
+    instead of failing after the teacher's fine-tuning and the first trial's epoch."""
+    config, space = tmp_path / "job.yaml", tmp_path / "space.yaml"
+    config.write_text(yaml.safe_dump(tiny_job(tmp_path / "run", tiny_bert, sst2_small, **{"data.task": "cola"})))
+    space.write_text(yaml.safe_dump({**SPACE, "metric": "val_accuracy", "mode": "max"}))
+    proc = _sinkd("tune", config, space)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    assert "metric: 'val_accuracy' is not reported" in out and "val_matthews, val_loss" in out, out
+    assert not (tmp_path / "run").exists()

@@ -8,7 +8,8 @@ from ray.tune.schedulers import ASHAScheduler
 
 from pipelines.recipes.tune_space import SpaceError, load_space, parse_space
 
-SPACES = sorted((Path(__file__).parents[2] / "tune_spaces").glob("*.yaml"))
+ROOT = Path(__file__).parents[2]
+SPACES = sorted((ROOT / "tune_spaces").glob("*.yaml")) + sorted((ROOT / "benchmarks" / "studies").glob("tune_*.yaml"))
 BASE = {"metric": "val_accuracy", "mode": "max", "space": {"objective.sinkhorn.eps": {"loguniform": [0.01, 1.0]}}}
 
 

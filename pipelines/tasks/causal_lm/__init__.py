@@ -14,7 +14,7 @@ from ..common import SameVocabObjective, epoch_shape, load_tokenizer
 from ..protocol import Prepared, Rows, Stage, StageMeta, WorkerContext
 from .checks import check_causal_lm, check_lm_models
 from .data import IGNORE, PROMPT_FORMATS, LMCollate, lm_to_ray, load_lm_task
-from .metrics import METRICS, cached_teacher, evaluate_lm, metrics_for, model_inputs, validate
+from .metrics import METRICS, VALIDATION_METRICS, cached_teacher, evaluate_lm, metrics_for, model_inputs, validate
 from .models import CausalLM, build_student, build_teacher, hf_teacher_dir, in_lockstep
 from .sgo import sgo_batch
 
@@ -151,6 +151,9 @@ class CausalLMTask:
         if teacher is not None:
             return Rows(logits, teacher, labels)
         return live_teacher_rows(w, inputs, logits, labels)
+
+    def validation_metrics(self, cfg: Config, prepared: Prepared) -> list[str]:
+        return list(VALIDATION_METRICS)
 
     def validate(self, w: WorkerContext, shard) -> dict:
         return validate(w, shard)

@@ -17,6 +17,7 @@ from .generation import generate_rouge, prompt_table
 from .models import load_causal_lm
 
 METRICS = ["perplexity", "bits_per_byte", "top1_agreement"]
+VALIDATION_METRICS = ["perplexity", "loss", "top1_agreement"]  # what validate reports each epoch
 PROMPT_METRICS = ["rouge_l"]  # prompt/response data: greedy continuations of the test prompts (generation.py)
 
 

@@ -129,6 +129,9 @@ class ClassificationTask:
                 teacher = w.teacher(**inputs).float()[real]
         return Rows(logits[real], teacher, labels[real])
 
+    def validation_metrics(self, cfg: Config, prepared: Prepared) -> list[str]:
+        return [*prepared.metrics, "loss"]
+
     def validate(self, w: WorkerContext, shard) -> dict:
         """Predictions of every rank's validation shard, gathered, scored on all ranks."""
         w.engine.eval()

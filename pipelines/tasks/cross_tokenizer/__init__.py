@@ -22,7 +22,7 @@ from .cache import USES, cached_teacher, ensure_ranked_cache, teacher_use
 from .checks import check_cross_tokenizer, student_tokenizer_dir
 from .data import PairCollate, load_cross_task, pairs_to_ray
 from .dskd import CMAProjectors, Side, dskd_cma_terms
-from .metrics import METRICS, evaluate_pairs, side_inputs, validate
+from .metrics import METRICS, VALIDATION_METRICS, evaluate_pairs, side_inputs, validate
 from .models import PairLM, build_student, whole_weights
 from .objective import CrossTokenizerObjective
 
@@ -143,6 +143,9 @@ class CrossTokenizerTask:
             if empty:  # the projectors' gathers and gradient reduction run on every rank
                 extra["added_loss"] = sum(dskd_cma_terms(student.projectors, s_side, t_side).values())
         return Rows(logits[real], None if teacher is None else teacher[real], labels[real], empty=empty, extra=extra)
+
+    def validation_metrics(self, cfg: Config, prepared: Prepared) -> list[str]:
+        return list(VALIDATION_METRICS)
 
     def validate(self, w: WorkerContext, shard) -> dict:
         return validate(w, shard)

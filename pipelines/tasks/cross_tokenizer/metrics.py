@@ -18,6 +18,7 @@ from ..shipping import fetch, ship
 from .data import CrossData, PairCollate
 
 METRICS = ["bits_per_byte", "perplexity"]
+VALIDATION_METRICS = ["bits_per_byte", "perplexity", "loss"]  # what validate reports each epoch
 
 
 def side_inputs(batch: dict, side: str, device) -> dict:

@@ -20,6 +20,7 @@ import yaml
 from ..config import Config, ConfigError, join_storage, set_key
 from ..tasks import Prepared, Stage, checked_config, get_task
 from ..train.fit import fit_stage, shipped_inputs
+from ..train.worker import TERMS
 from .job import plan_job, prepare_run_dir, prepare_teacher
 from .session import ray_session
 from .storage import Claim, check_claim, storage_key, storage_owner, write_claim
@@ -47,12 +48,14 @@ def check_space_against_config(cfg: Config, space: TuneSpace) -> None:
 
 
 def check_space_metric(cfg: Config, space: TuneSpace, prepared: Prepared) -> None:
-    """The space's metric must be one the job's validation reports each epoch (CoLA's is only
-    matthews): otherwise Tune would find out after the teacher's fine-tuning and the first epoch."""
-    reported = [f"val_{name}" for name in get_task(cfg.task_type).validation_metrics(cfg, prepared)]
+    """The space's metric must be one every epoch reports: a validation score of the job's task (CoLA's
+    is matthews, not accuracy) or a training term. Otherwise Tune would only find out after the
+    teacher's fine-tuning and the first trial's epoch."""
+    reported = ([f"val_{name}" for name in get_task(cfg.task_type).validation_metrics(cfg, prepared)]
+                + [f"train_{term}" for term in TERMS])
     if space.metric not in reported:
-        raise SpaceError(f"metric: {space.metric!r} is not reported by this job's validation"
-                         f" (it reports {', '.join(reported)})")
+        raise SpaceError(f"metric: {space.metric!r} is not reported by this job's epochs"
+                         f" (they report {', '.join(reported)})")
 
 
 def fit_trial(params: dict, base: dict, prepared: Prepared, experiment: str = EXPERIMENT, teacher: str | None = None):

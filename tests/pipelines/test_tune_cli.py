@@ -48,5 +48,5 @@ def test_a_metric_the_validation_does_not_report_fails_before_any_work(tmp_path,
     proc = _sinkd("tune", config, space)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2, out
-    assert "metric: 'val_accuracy' is not reported" in out and "val_matthews, val_loss" in out, out
+    assert "metric: 'val_accuracy' is not reported" in out and "val_matthews, val_loss, train_loss" in out, out
     assert not (tmp_path / "run").exists()
